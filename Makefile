@@ -1,0 +1,34 @@
+# Every target sets itself up: `make demo` or `make test` alone work on a fresh clone.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.mtft-installed
+TORCH  := torch==2.13.0
+
+.PHONY: setup demo test test-fast lint clean
+
+setup: $(STAMP)
+
+# torch goes in first and pinned, so nothing below can pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+demo: setup
+	$(BIN)/mtft train
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: setup
+	$(BIN)/ruff check mtft tests
+	$(BIN)/ruff format --check mtft tests
+
+clean:
+	rm -rf $(VENV) outputs multirun .pytest_cache

@@ -1,0 +1,91 @@
+"""The balancer interface: how a multitask loss is weighted, step by step.
+
+A balancer sees only per-task losses (and, if it asks, the model's shared parameters); it never
+touches data or the backend. The trainer drives it:
+
+    setup(model)                          once, before training
+    observe_val(0, losses, present)       the initial per-task validation losses
+    every optimizer step t:
+        combine(TaskLosses) -> loss       per micro-batch; the trainer calls backward on the result
+        observe_step(t, TaskLosses)       after the update (the same batch re-evaluated if
+                                          `recompute_after_step`, else the step's own losses)
+        observe_val(t, losses, present)   every `val_interval` steps if > 0, on `val_batches`
+                                          mixed validation batches drawn without gradients
+
+It is usable without a model: feed `observe_*` per-task losses and read `weights()`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class TaskLosses:
+    """Per-task losses of one (micro-)batch.
+
+    `local` is differentiable: this process's token-loss sum divided by the token count over all
+    ranks, so summing it over ranks gives the global per-task mean. `mean` is that global mean,
+    detached and identical on every rank; `present` marks tasks with tokens anywhere in the batch.
+    """
+
+    local: torch.Tensor
+    mean: torch.Tensor
+    present: torch.Tensor
+
+    @classmethod
+    def from_values(cls, values: Sequence[float], present: Sequence[bool] | None = None) -> TaskLosses:
+        """Losses given as plain numbers (one process, no autograd): for standalone use and tests."""
+        mean = torch.as_tensor(values, dtype=torch.float32)
+        mask = torch.ones_like(mean, dtype=torch.bool) if present is None else torch.as_tensor(present)
+        return cls(local=mean.clone(), mean=mean, present=mask)
+
+
+class Balancer(ABC):
+    """One weight per task. Subclasses implement `weights()` and whichever hooks they need."""
+
+    val_interval: int = 0
+    val_batches: int = 1
+    recompute_after_step: bool = False
+
+    def __init__(self, tasks: Sequence[str]) -> None:
+        if not tasks:
+            raise ValueError("a balancer needs at least one task")
+        self.tasks = list(tasks)
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.tasks)
+
+    @abstractmethod
+    def weights(self) -> torch.Tensor:
+        """Current weight of each task, shape (T,), detached: what `combine` applies and what is logged."""
+
+    def combine(self, losses: TaskLosses) -> torch.Tensor:
+        """The loss to backpropagate: `sum_i w_i L_i / sum_{i present} w_i` over tasks present."""
+        w = self.weights().to(losses.local.device, losses.local.dtype) * losses.present
+        return (w * losses.local).sum() / w.sum().clamp_min(torch.finfo(w.dtype).tiny)
+
+    def setup(self, model: torch.nn.Module) -> None:  # noqa: B027 - optional hook
+        """Called once before training; balancers that need model parameters take them here."""
+
+    def observe_step(self, step: int, losses: TaskLosses) -> None:  # noqa: B027 - optional hook
+        """Called after optimizer step `step` with detached per-task training losses."""
+
+    def observe_val(self, step: int, losses: torch.Tensor, present: torch.Tensor) -> None:  # noqa: B027
+        """Called with per-task validation losses: at step 0 (full) and every `val_interval` steps."""
+
+    def diagnostics(self) -> dict[str, float]:
+        """Extra per-step values worth logging (e.g. `rcs/<task>`); empty by default."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 - stateless by default
+        """Restore what `state_dict` returned, so a resumed run continues exactly."""

@@ -1,0 +1,53 @@
+"""The `mtft` command: a thin dispatcher to sub-commands; `mtft train` is a Hydra app."""
+
+from __future__ import annotations
+
+import sys
+
+from mtft import __version__
+
+COMMANDS = {
+    "train": "train a model on a task mixture with a loss balancer (Hydra overrides; see `mtft train --help`)",
+}
+
+USAGE = """usage: mtft <command> [args...]
+
+Multitask finetuning of causal language models with loss balancers.
+
+commands:
+{commands}
+
+examples:
+  mtft train                                   the embedded default: tiny model on codetasks, offline
+  mtft train balancer=uniform trainer.max_steps=100 seed=1
+  mtft train -m balancer=uniform seed=1,2,3    Hydra multirun, one job dir each
+  mtft train --help                            config groups and options
+"""
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    return USAGE.format(commands="\n".join(f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    if args[0] in ("-V", "--version"):
+        print(f"mtft {__version__}")
+        return 0
+    command, rest = args[0], args[1:]
+    if command == "train":
+        from mtft.train import main as train_main
+
+        sys.argv = [f"{sys.argv[0]} train", *rest]  # Hydra parses sys.argv
+        train_main()
+        return 0
+    print(f"mtft: unknown command '{command}'\n\n{_usage()}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

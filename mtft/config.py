@@ -1,0 +1,132 @@
+"""Structured configs: the schema every YAML file in ``conf/`` is checked against.
+
+Hydra merges each group's YAML onto these dataclasses, so a misspelled key or a value of the wrong
+type fails at start-up with a message naming the key, instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class TinyModelConfig:
+    """Architecture of the embedded Llama-style model built locally (no download)."""
+
+    vocab_size: int = 4096
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 512
+    init_seed: int = 0
+    tokenizer_corpus_chars: int = 4_000_000
+
+
+@dataclass
+class ModelConfig:
+    # Hub id or local directory; ignored when `build` is set (the model is built locally instead).
+    name_or_path: str | None = None
+    build: TinyModelConfig | None = None
+    revision: str | None = None
+    dtype: str = "float32"  # float32 | bfloat16 | float16 | auto
+    trust_remote_code: bool = False
+    attn_implementation: str | None = "sdpa"
+
+
+@dataclass
+class TaskConfig:
+    """One task of a mixture. JSONL sources list files; the embedded codetasks source generates them."""
+
+    train: list[str] = field(default_factory=list)
+    validation: list[str] = field(default_factory=list)
+    # Fraction of `train` held out for validation when no validation files are given.
+    val_fraction: float = 0.05
+    max_train_samples: int | None = None
+    max_val_samples: int | None = None
+
+
+@dataclass
+class DataConfig:
+    source: str = MISSING  # codetasks | jsonl
+    tasks: dict[str, TaskConfig] = field(default_factory=dict)
+    max_length: int = 256
+    # Mixture sampling: proportional (to task size) | uniform (equal per task) | temperature (n_i^(1/t)).
+    sampling: str = "proportional"
+    temperature: float = 2.0
+    # codetasks only: percent of functions (by hash of module path + qualified name) held out for validation.
+    val_percent: int = 5
+    split_salt: str = "mtft-codetasks-v1"
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 300
+    batch_size: int = 16  # sequences per micro-batch on each process
+    grad_accum: int = 1
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    scheduler: str = "cosine"  # any name transformers.get_scheduler accepts
+    warmup_steps: int = 20
+    max_grad_norm: float | None = 1.0
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    eval_interval: int = 50
+    eval_batches: int = 2  # validation batches per task at each evaluation (bounded cost)
+    eval_batch_size: int = 32
+    log_interval: int = 1  # train rows in metrics.jsonl every N steps
+    save_model: bool = True
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "jsonl"
+    progress: bool = True  # live progress bar on the console
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING
+    balancer: Any = MISSING  # instantiated with hydra.utils.instantiate; each balancer has its own schema
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = MISSING
+    deepspeed: Any = None
+    peft: Any = None
+    seed: int = 0
+    # Built datasets and the embedded model are cached here (override with $MTFT_CACHE).
+    cache_dir: str = "${oc.env:MTFT_CACHE,'~/.cache/mtft'}"
+
+
+@dataclass
+class UniformBalancerConfig:
+    _target_: str = "mtft.balancers.uniform.Uniform"
+    # Optional static weights, task name -> weight; tasks not named get 1.0.
+    weights: dict[str, float] | None = None
+
+
+def register_configs() -> None:
+    """Register the schemas: train.yaml extends `train_schema`, each balancer YAML its own schema."""
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    # `balancer` is polymorphic (Any above), so each balancer's YAML extends its own schema.
+    cs.store(group="schema/balancer", name="uniform", node=UniformBalancerConfig)
+
+
+def conf_dir() -> Path:
+    """The config tree: packaged inside the wheel as mtft/conf, or conf/ at the root of a checkout."""
+    override = os.environ.get("MTFT_CONF_DIR")
+    if override:
+        return Path(override)
+    packaged = Path(__file__).parent / "conf"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parent.parent / "conf"

@@ -1,0 +1,36 @@
+"""Batches of tokenized examples: padded inputs, labels with prompt and padding masked, task ids."""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+class TaskCollator:
+    """Right-pads to the longest sequence (or a multiple of `pad_to_multiple_of`) in the batch."""
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None) -> None:
+        self.pad_token_id = pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        length = max(len(r["input_ids"]) for r in rows)
+        if self.pad_to_multiple_of:
+            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        input_ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids = torch.as_tensor(row["input_ids"], dtype=torch.long)
+            n, p = len(ids), row["prompt_len"]
+            input_ids[i, :n] = ids
+            labels[i, p:n] = ids[p:]
+            attention_mask[i, :n] = 1
+        task_ids = torch.tensor([r["task_id"] for r in rows], dtype=torch.long)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "task_ids": task_ids,
+        }

@@ -1,0 +1,214 @@
+"""A mixture: named tasks, each with train and validation examples, then tokenized for training.
+
+Raw examples are `{"prompt", "response"}` strings; tokenization turns each into `input_ids` plus the
+number of leading prompt tokens, which the collator masks out of the labels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from datasets import Dataset
+
+from mtft.cache import build_dir_once
+from mtft.config import DataConfig, TaskConfig
+from mtft.data import codetasks
+from mtft.data.jsonl import Example, read_jsonl
+from mtft.errors import MtftError
+
+log = logging.getLogger(__name__)
+
+TOKENIZE_VERSION = 1
+
+
+@dataclass
+class Mixture:
+    """Raw text per task and split, in a fixed task order (the task ids used everywhere)."""
+
+    tasks: list[str]
+    train: dict[str, list[Example]]
+    validation: dict[str, list[Example]]
+
+    def corpus(self, max_chars: int) -> list[str]:
+        """Training text, interleaved over tasks, for fitting a tokenizer."""
+        texts, total = [], 0
+        for i in range(max(len(v) for v in self.train.values())):
+            for task in self.tasks:
+                if i < len(self.train[task]):
+                    ex = self.train[task][i]
+                    texts.append(ex["prompt"] + ex["response"])
+                    total += len(texts[-1])
+                    if total >= max_chars:
+                        return texts
+        return texts
+
+
+def _key(example: Example) -> str:
+    return hashlib.sha1((example["prompt"] + "\x00" + example["response"]).encode()).hexdigest()
+
+
+def _stable_order(examples: list[Example]) -> list[Example]:
+    """An order that depends only on content, so caps and eval subsets are the same on every run."""
+    return sorted(examples, key=_key)
+
+
+def _cap(examples: list[Example], limit: int | None) -> list[Example]:
+    return examples if limit is None else _stable_order(examples)[:limit]
+
+
+def _jsonl_task(name: str, task: TaskConfig) -> tuple[list[Example], list[Example]]:
+    if not task.train:
+        raise MtftError(f"task '{name}': no training files given (data.tasks.{name}.train)")
+    train = [ex for path in task.train for ex in read_jsonl(path)]
+    if task.validation:
+        return train, [ex for path in task.validation for ex in read_jsonl(path)]
+    if not 0.0 < task.val_fraction < 1.0:
+        raise MtftError(f"task '{name}': val_fraction must be in (0, 1) when no validation files are given")
+    # Hash-based hold-out: the same example always lands on the same side, duplicates included.
+    threshold = int(task.val_fraction * 2**32)
+    val = [ex for ex in train if int(_key(ex)[:8], 16) < threshold]
+    rest = [ex for ex in train if int(_key(ex)[:8], 16) >= threshold]
+    return rest, val
+
+
+def build_mixture(cfg: DataConfig, cache_dir: Path) -> Mixture:
+    if not cfg.tasks:
+        raise MtftError("the mixture has no tasks: set data.tasks (see conf/data/jsonl.yaml)")
+    if cfg.source == "codetasks":
+        unknown = set(cfg.tasks) - set(codetasks.TASKS)
+        if unknown:
+            raise MtftError(f"codetasks has no task(s) {sorted(unknown)}; available: {list(codetasks.TASKS)}")
+        built = codetasks.load_cached(cache_dir, cfg.val_percent, cfg.split_salt)
+        raw = {name: (built[name]["train"], built[name]["validation"]) for name in cfg.tasks}
+    elif cfg.source == "jsonl":
+        raw = {name: _jsonl_task(name, task) for name, task in cfg.tasks.items()}
+    else:
+        raise MtftError(f"unknown data.source '{cfg.source}' (expected codetasks or jsonl)")
+
+    train, validation = {}, {}
+    for name, task in cfg.tasks.items():
+        tr, va = raw[name]
+        train[name] = _cap(tr, task.max_train_samples)
+        validation[name] = _stable_order(_cap(va, task.max_val_samples))
+        if not train[name]:
+            raise MtftError(f"task '{name}' has no training examples")
+        if not validation[name]:
+            raise MtftError(
+                f"task '{name}' has an empty validation set: give data.tasks.{name}.validation files "
+                "or a larger val_fraction"
+            )
+    return Mixture(tasks=list(cfg.tasks), train=train, validation=validation)
+
+
+@dataclass
+class TokenizedMixture:
+    """Token ids per example with task ids; validation rows are ordered by task, content-stable within."""
+
+    tasks: list[str]
+    train: Dataset  # columns: input_ids, prompt_len, task_id
+    validation: Dataset
+    val_rows: list[list[int]]  # per task: row indices into `validation`
+    truncated: int  # examples cut to max_length
+
+    @property
+    def train_task_ids(self) -> list[int]:
+        return self.train["task_id"]
+
+
+def _tokenize(examples: list[tuple[int, Example]], tokenizer, max_length: int) -> tuple[dict[str, list], int]:
+    prompts = tokenizer([ex["prompt"] for _, ex in examples], add_special_tokens=False)["input_ids"]
+    responses = tokenizer([ex["response"] for _, ex in examples], add_special_tokens=False)["input_ids"]
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    eos = [tokenizer.eos_token_id]
+    cols: dict[str, list] = {"input_ids": [], "prompt_len": [], "task_id": []}
+    truncated = 0
+    for (task_id, _), p, r in zip(examples, prompts, responses, strict=True):
+        r = r + eos
+        if len(bos) + len(p) + len(r) > max_length:
+            # Keep the end of the prompt (nearest the answer) and the start of the response.
+            truncated += 1
+            budget = max(max_length - len(r), max_length // 2) - len(bos)
+            p = p[-budget:] if budget > 0 else []
+            r = r[: max_length - len(bos) - len(p)]
+        p = bos + p
+        cols["input_ids"].append(p + r)
+        cols["prompt_len"].append(len(p))
+        cols["task_id"].append(task_id)
+    return cols, truncated
+
+
+def _fingerprint(mixture: Mixture, tokenizer, max_length: int) -> str:
+    """Identifies a tokenized mixture: every example's text, the tokenizer itself and max_length."""
+    h = hashlib.sha1(json.dumps([TOKENIZE_VERSION, mixture.tasks, max_length]).encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update((backend.to_str() if backend is not None else tokenizer.name_or_path).encode())
+    h.update(json.dumps([tokenizer.bos_token_id, tokenizer.eos_token_id, type(tokenizer).__name__]).encode())
+    for split in (mixture.train, mixture.validation):
+        for task in mixture.tasks:
+            for ex in split[task]:
+                h.update(ex["prompt"].encode())
+                h.update(b"\x00")
+                h.update(ex["response"].encode())
+                h.update(b"\x01")
+    return h.hexdigest()[:20]
+
+
+def tokenize_mixture(
+    mixture: Mixture, tokenizer, max_length: int, cache_dir: Path | None = None
+) -> TokenizedMixture:
+    """Tokenize every example; with a cache_dir the result is stored once and memory-mapped after."""
+    path = cache_dir / "tokenized" / _fingerprint(mixture, tokenizer, max_length) if cache_dir else None
+    if path is None:
+        return _tokenize_mixture(mixture, tokenizer, max_length)
+
+    def build(tmp: Path) -> None:
+        tokenized = _tokenize_mixture(mixture, tokenizer, max_length)
+        tokenized.train.save_to_disk(str(tmp / "train"))
+        tokenized.validation.save_to_disk(str(tmp / "validation"))
+        (tmp / "meta.json").write_text(
+            json.dumps({"val_rows": tokenized.val_rows, "truncated": tokenized.truncated})
+        )
+
+    build_dir_once(path, build, marker="meta.json")
+    return _load_tokenized(mixture, path)
+
+
+def _load_tokenized(mixture: Mixture, path: Path) -> TokenizedMixture:
+    meta = json.loads((path / "meta.json").read_text())
+    if meta["truncated"]:
+        log.info("%d examples were truncated to data.max_length", meta["truncated"])
+    return TokenizedMixture(
+        tasks=mixture.tasks,
+        train=Dataset.load_from_disk(str(path / "train")),
+        validation=Dataset.load_from_disk(str(path / "validation")),
+        val_rows=meta["val_rows"],
+        truncated=meta["truncated"],
+    )
+
+
+def _tokenize_mixture(mixture: Mixture, tokenizer, max_length: int) -> TokenizedMixture:
+    train_ex = [(i, ex) for i, t in enumerate(mixture.tasks) for ex in mixture.train[t]]
+    val_ex = [(i, ex) for i, t in enumerate(mixture.tasks) for ex in mixture.validation[t]]
+    train_cols, n_tr = _tokenize(train_ex, tokenizer, max_length)
+    val_cols, n_va = _tokenize(val_ex, tokenizer, max_length)
+    val_rows: list[list[int]] = [[] for _ in mixture.tasks]
+    for row, task_id in enumerate(val_cols["task_id"]):
+        val_rows[task_id].append(row)
+    if n_tr + n_va:
+        log.info(
+            "truncated %d of %d examples to data.max_length=%d",
+            n_tr + n_va,
+            len(train_ex) + len(val_ex),
+            max_length,
+        )
+    return TokenizedMixture(
+        tasks=mixture.tasks,
+        train=Dataset.from_dict(train_cols),
+        validation=Dataset.from_dict(val_cols),
+        val_rows=val_rows,
+        truncated=n_tr + n_va,
+    )

@@ -1,0 +1,96 @@
+"""The `mtft train` recipe: config -> data -> model -> trainer -> tracking -> summary, top to bottom."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from transformers import set_seed
+
+from mtft.config import TrainConfig
+from mtft.data.collator import TaskCollator
+from mtft.data.mixture import build_mixture, tokenize_mixture
+from mtft.data.sampler import MixtureSampler
+from mtft.distributed import rank, world_size
+from mtft.model import load_model, load_tokenizer, resolve_path
+from mtft.tracking import ConsoleSink, JsonlSink, Tracker, print_final_table, write_summary
+from mtft.trainer import Trainer, peak_rss_mb
+
+log = logging.getLogger("mtft")
+
+
+def train(cfg: TrainConfig, run_dir: Path, balancer_name: str) -> dict:
+    """Run one training job into `run_dir` and return its summary."""
+    start = time.perf_counter()
+    set_seed(cfg.seed)
+    cache_dir = Path(cfg.cache_dir).expanduser()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    mixture = build_mixture(cfg.data, cache_dir)
+    path = resolve_path(cfg.model, cache_dir, mixture.corpus)
+    tokenizer = load_tokenizer(path, cfg.model)
+    data = tokenize_mixture(mixture, tokenizer, cfg.data.max_length, cache_dir)
+    log.info(
+        "tasks: %s",
+        ", ".join(
+            f"{t} ({len(mixture.train[t])} train / {len(data.val_rows[i])} val)"
+            for i, t in enumerate(data.tasks)
+        ),
+    )
+    model = load_model(path, cfg.model).to(device)
+    log.info("model: %s (%.2fM parameters) from %s", type(model).__name__, model.num_parameters() / 1e6, path)
+
+    balancer = instantiate(cfg.balancer, tasks=data.tasks, _convert_="all")
+    sampler = MixtureSampler(
+        data.train_task_ids,
+        cfg.trainer.batch_size,
+        cfg.data.sampling,
+        cfg.data.temperature,
+        seed=cfg.seed,
+        rank=rank(),
+        world_size=world_size(),
+    )
+    sinks = [
+        JsonlSink(run_dir / "metrics.jsonl"),
+        ConsoleSink(data.tasks, cfg.trainer.max_steps, cfg.logger.progress),
+    ]
+    tracker = Tracker(sinks)
+    trainer = Trainer(
+        cfg.trainer,
+        model,
+        data,
+        TaskCollator(tokenizer.pad_token_id),
+        sampler,
+        balancer,
+        tracker,
+        device,
+        cfg.seed,
+    )
+    try:
+        result = trainer.fit()
+    finally:
+        tracker.close()
+
+    if cfg.trainer.save_model:
+        model.save_pretrained(run_dir / "model")
+        tokenizer.save_pretrained(run_dir / "model")
+    history = result.val_history
+    first, last = history[min(history)], history[max(history)]
+    summary = {
+        "balancer": balancer_name,
+        "tasks": data.tasks,
+        "steps": result.steps,
+        "seed": cfg.seed,
+        "initial_val_loss": dict(zip(data.tasks, first, strict=True)),
+        "final_val_loss": dict(zip(data.tasks, last, strict=True)),
+        "best_val_loss": {t: min(v[i] for v in history.values()) for i, t in enumerate(data.tasks)},
+        "train_tokens_per_s": result.tokens_per_s,
+        "wall_s": time.perf_counter() - start,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+    write_summary(run_dir, summary)
+    print_final_table(summary, run_dir)
+    return summary
