@@ -12,7 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import ValidationError
+
+from mtft.errors import MtftError
 
 
 @dataclass
@@ -56,7 +59,10 @@ class TaskConfig:
 @dataclass
 class DataConfig:
     source: str = MISSING  # codetasks | jsonl
-    tasks: dict[str, TaskConfig] = field(default_factory=dict)
+    # task name -> TaskConfig fields. Typed as Any so `+data.tasks.NAME.train=[...]` can add a task
+    # from the command line (OmegaConf cannot add keys to a dict of dataclasses); `task_configs`
+    # checks every entry against TaskConfig at start-up.
+    tasks: dict[str, Any] = field(default_factory=dict)
     max_length: int = 256
     # Mixture sampling: proportional (to task size) | uniform (equal per task) | temperature (n_i^(1/t)).
     sampling: str = "proportional"
@@ -113,12 +119,65 @@ class UniformBalancerConfig:
     weights: dict[str, float] | None = None
 
 
+@dataclass
+class CobaBalancerConfig:
+    """CoBa (Gong et al., EMNLP 2024): weights from the slopes of normalized validation-loss curves."""
+
+    _target_: str = "mtft.balancers.coba.CoBa"
+    warmup_steps: int = 100  # equal weights until then
+    history_length: int = 200  # window of validation points for the slope fits
+    tau: float = 5.0  # temperature of the divergence factor
+    update_interval: int = 1  # steps between validation probes / weight updates
+    sample_valid_num: int = 1  # validation batches per probe
+
+
+@dataclass
+class FamoBalancerConfig:
+    """FAMO (Liu et al., NeurIPS 2023): task logits trained so every task's log-loss falls at a similar rate."""
+
+    _target_: str = "mtft.balancers.famo.FAMO"
+    lr: float = 0.025  # Adam learning rate of the task logits
+    gamma: float = 0.001  # weight decay of the task logits
+    min_losses: dict[str, float] | None = None  # per-task loss floor m_i (default 0)
+    eps: float = 1e-8
+    post_step_loss: str = "next_batch"  # next_batch (free) | recompute (one extra no-grad forward)
+
+
+@dataclass
+class GradNormBalancerConfig:
+    """GradNorm (Chen et al., ICML 2018): learnable weights that equalize gradient norms by training rate."""
+
+    _target_: str = "mtft.balancers.gradnorm.GradNorm"
+    alpha: float = 1.5  # restoring-force strength
+    lr: float = 0.025  # learning rate of the weights' own optimizer
+    # Regex over parameter names selecting the shared parameters W; null = the last transformer block.
+    shared_params: str | None = None
+
+
 def register_configs() -> None:
     """Register the schemas: train.yaml extends `train_schema`, each balancer YAML its own schema."""
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     # `balancer` is polymorphic (Any above), so each balancer's YAML extends its own schema.
     cs.store(group="schema/balancer", name="uniform", node=UniformBalancerConfig)
+    cs.store(group="schema/balancer", name="coba", node=CobaBalancerConfig)
+    cs.store(group="schema/balancer", name="famo", node=FamoBalancerConfig)
+    cs.store(group="schema/balancer", name="gradnorm", node=GradNormBalancerConfig)
+
+
+def task_configs(tasks: dict[str, Any]) -> dict[str, TaskConfig]:
+    """Check each task entry against the TaskConfig schema, naming the task in any error."""
+    out = {}
+    for name, node in tasks.items():
+        if isinstance(node, TaskConfig):
+            out[name] = node
+            continue
+        try:
+            merged = OmegaConf.merge(OmegaConf.structured(TaskConfig), node or {})
+        except (ValidationError, KeyError) as e:
+            raise MtftError(f"data.tasks.{name}: {str(e).splitlines()[0]}") from None
+        out[name] = OmegaConf.to_object(merged)
+    return out
 
 
 def conf_dir() -> Path:

@@ -6,7 +6,9 @@ import logging
 import time
 from pathlib import Path
 
+import datasets
 import torch
+import transformers
 from hydra.utils import instantiate
 from transformers import set_seed
 
@@ -15,6 +17,7 @@ from mtft.data.collator import TaskCollator
 from mtft.data.mixture import build_mixture, tokenize_mixture
 from mtft.data.sampler import MixtureSampler
 from mtft.distributed import rank, world_size
+from mtft.errors import MtftError
 from mtft.model import load_model, load_tokenizer, resolve_path
 from mtft.tracking import ConsoleSink, JsonlSink, Tracker, print_final_table, write_summary
 from mtft.trainer import Trainer, peak_rss_mb
@@ -25,6 +28,10 @@ log = logging.getLogger("mtft")
 def train(cfg: TrainConfig, run_dir: Path, balancer_name: str) -> dict:
     """Run one training job into `run_dir` and return its summary."""
     start = time.perf_counter()
+    if (run_dir / "metrics.jsonl").exists():
+        raise MtftError(f"{run_dir} already holds a run (metrics.jsonl); choose another hydra.run.dir")
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
     set_seed(cfg.seed)
     cache_dir = Path(cfg.cache_dir).expanduser()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

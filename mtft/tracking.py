@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from rich.console import Console
+from rich.logging import RichHandler
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -28,6 +29,20 @@ from rich.table import Table
 log = logging.getLogger("mtft")
 
 Row = dict[str, Any]
+CONSOLE = Console(stderr=True)  # shared by the progress bar and log lines so they never garble
+
+
+def console_handler() -> logging.Handler:
+    """Log handler for the console (used by conf/hydra/job_logging/rich.yaml).
+
+    On a terminal, rich prints lines above the live progress bar; elsewhere (CI, files, pipes)
+    lines are plain and never wrapped, so paths in messages stay whole and greppable.
+    """
+    if CONSOLE.is_terminal:
+        return RichHandler(console=CONSOLE, show_path=False, show_time=False, markup=False)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    return handler
 
 
 class Sink(Protocol):
@@ -60,8 +75,7 @@ class ConsoleSink:
 
     def __init__(self, tasks: list[str], max_steps: int, progress: bool = True) -> None:
         self.tasks = tasks
-        self.console = Console(stderr=True)
-        self.live = progress and self.console.is_terminal
+        self.live = progress and CONSOLE.is_terminal
         self.every = max(1, max_steps // 10)
         self.progress: Progress | None = None
         if self.live:
@@ -72,7 +86,7 @@ class ConsoleSink:
                 TextColumn("{task.fields[stats]}"),
                 TimeElapsedColumn(),
                 TimeRemainingColumn(),
-                console=self.console,
+                console=CONSOLE,
             )
             self.bar = self.progress.add_task("train", total=max_steps, stats="")
             self.progress.start()
@@ -134,10 +148,9 @@ def print_final_table(summary: dict[str, Any], run_dir: Path) -> None:
         table.add_row(
             task, f"{first:.3f}", f"{final:.3f}", f"{summary['best_val_loss'][task]:.3f}", f"{change:+.1f}%"
         )
-    console = Console(file=sys.stderr)
-    console.print(table)
-    console.print(
+    CONSOLE.print(table)
+    CONSOLE.print(
         f"{summary['train_tokens_per_s']:,.0f} train tokens/s, {summary['wall_s']:.0f}s wall, "
         f"peak RSS {summary['peak_rss_mb']:,.0f} MB"
     )
-    console.print(f"run dir: [bold]{run_dir}[/bold]")
+    CONSOLE.print(f"run dir: [bold]{run_dir}[/bold]")

@@ -6,6 +6,7 @@ number of leading prompt tokens, which the collator masks out of the labels.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -15,7 +16,7 @@ from pathlib import Path
 from datasets import Dataset
 
 from mtft.cache import build_dir_once
-from mtft.config import DataConfig, TaskConfig
+from mtft.config import DataConfig, TaskConfig, task_configs
 from mtft.data import codetasks
 from mtft.data.jsonl import Example, read_jsonl
 from mtft.errors import MtftError
@@ -78,6 +79,7 @@ def _jsonl_task(name: str, task: TaskConfig) -> tuple[list[Example], list[Exampl
 def build_mixture(cfg: DataConfig, cache_dir: Path) -> Mixture:
     if not cfg.tasks:
         raise MtftError("the mixture has no tasks: set data.tasks (see conf/data/jsonl.yaml)")
+    tasks = task_configs(cfg.tasks)
     if cfg.source == "codetasks":
         unknown = set(cfg.tasks) - set(codetasks.TASKS)
         if unknown:
@@ -85,12 +87,12 @@ def build_mixture(cfg: DataConfig, cache_dir: Path) -> Mixture:
         built = codetasks.load_cached(cache_dir, cfg.val_percent, cfg.split_salt)
         raw = {name: (built[name]["train"], built[name]["validation"]) for name in cfg.tasks}
     elif cfg.source == "jsonl":
-        raw = {name: _jsonl_task(name, task) for name, task in cfg.tasks.items()}
+        raw = {name: _jsonl_task(name, task) for name, task in tasks.items()}
     else:
         raise MtftError(f"unknown data.source '{cfg.source}' (expected codetasks or jsonl)")
 
     train, validation = {}, {}
-    for name, task in cfg.tasks.items():
+    for name, task in tasks.items():
         tr, va = raw[name]
         train[name] = _cap(tr, task.max_train_samples)
         validation[name] = _stable_order(_cap(va, task.max_val_samples))
@@ -163,24 +165,27 @@ def tokenize_mixture(
     """Tokenize every example; with a cache_dir the result is stored once and memory-mapped after."""
     path = cache_dir / "tokenized" / _fingerprint(mixture, tokenizer, max_length) if cache_dir else None
     if path is None:
-        return _tokenize_mixture(mixture, tokenizer, max_length)
-
-    def build(tmp: Path) -> None:
         tokenized = _tokenize_mixture(mixture, tokenizer, max_length)
-        tokenized.train.save_to_disk(str(tmp / "train"))
-        tokenized.validation.save_to_disk(str(tmp / "validation"))
-        (tmp / "meta.json").write_text(
-            json.dumps({"val_rows": tokenized.val_rows, "truncated": tokenized.truncated})
-        )
+    else:
+        build_dir_once(path, functools.partial(_store, mixture, tokenizer, max_length), marker="meta.json")
+        tokenized = _load_tokenized(mixture, path)
+    if tokenized.truncated:
+        total = len(tokenized.train) + len(tokenized.validation)
+        log.info("truncated %d of %d examples to data.max_length=%d", tokenized.truncated, total, max_length)
+    return tokenized
 
-    build_dir_once(path, build, marker="meta.json")
-    return _load_tokenized(mixture, path)
+
+def _store(mixture: Mixture, tokenizer, max_length: int, tmp: Path) -> None:
+    tokenized = _tokenize_mixture(mixture, tokenizer, max_length)
+    tokenized.train.save_to_disk(str(tmp / "train"))
+    tokenized.validation.save_to_disk(str(tmp / "validation"))
+    (tmp / "meta.json").write_text(
+        json.dumps({"val_rows": tokenized.val_rows, "truncated": tokenized.truncated})
+    )
 
 
 def _load_tokenized(mixture: Mixture, path: Path) -> TokenizedMixture:
     meta = json.loads((path / "meta.json").read_text())
-    if meta["truncated"]:
-        log.info("%d examples were truncated to data.max_length", meta["truncated"])
     return TokenizedMixture(
         tasks=mixture.tasks,
         train=Dataset.load_from_disk(str(path / "train")),
@@ -198,13 +203,6 @@ def _tokenize_mixture(mixture: Mixture, tokenizer, max_length: int) -> Tokenized
     val_rows: list[list[int]] = [[] for _ in mixture.tasks]
     for row, task_id in enumerate(val_cols["task_id"]):
         val_rows[task_id].append(row)
-    if n_tr + n_va:
-        log.info(
-            "truncated %d of %d examples to data.max_length=%d",
-            n_tr + n_va,
-            len(train_ex) + len(val_ex),
-            max_length,
-        )
     return TokenizedMixture(
         tasks=mixture.tasks,
         train=Dataset.from_dict(train_cols),

@@ -1,0 +1,49 @@
+"""Shared fixtures: one cache (codetasks, tiny model, tokenized data) per test session, and a CLI runner."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Isolated from ~/.cache so every CI run exercises the real first-build path once."""
+    path = Path(os.environ.get("MTFT_TEST_CACHE") or tmp_path_factory.mktemp("mtft-cache"))
+    return path
+
+
+@pytest.fixture(scope="session")
+def run_mtft(cache_dir: Path):
+    """Run the real `mtft` CLI in a subprocess (as a user would) and return the completed process."""
+
+    def run(
+        *args: str, cwd: Path | None = None, check: bool = True, timeout: int = 600
+    ) -> subprocess.CompletedProcess:
+        env = {**os.environ, "MTFT_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+        proc = subprocess.run(
+            [sys.executable, "-m", "mtft", *args],
+            cwd=cwd or ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(
+                f"mtft {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+            )
+        return proc
+
+    return run
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

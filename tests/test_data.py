@@ -1,0 +1,165 @@
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from mtft.config import DataConfig, TaskConfig
+from mtft.data import codetasks
+from mtft.data.jsonl import read_jsonl
+from mtft.data.mixture import build_mixture
+from mtft.data.sampler import MixtureSampler, task_probabilities
+from mtft.errors import MtftError
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
+
+
+# --- codetasks ---------------------------------------------------------------------------------
+
+
+def test_codetasks_split_is_deterministic_and_disjoint():
+    fns = list(codetasks.iter_functions())
+    assert len(fns) > 5000  # the whole stdlib, not a sample
+    split = {(f.module, f.qualname): codetasks.in_validation(f, 5, "salt") for f in fns}
+    again = {(f.module, f.qualname): codetasks.in_validation(f, 5, "salt") for f in fns}
+    assert split == again
+    val = sum(split.values())
+    assert 0.03 * len(split) < val < 0.07 * len(split)
+    assert not any("/test" in f.module or f.module.startswith("test") for f in fns)
+    # disjoint: no function text appears in both splits
+    train_src = {f.source for f in fns if not split[(f.module, f.qualname)]}
+    val_only = [f for f in fns if split[(f.module, f.qualname)] and f.source not in train_src]
+    assert len(val_only) > 0.9 * val  # the rest are byte-identical functions defined in several modules
+
+
+def test_codetasks_examples_for_one_function():
+    src = 'def add(a, b):\n    """Add two numbers.\n\n    More detail.\n    """\n    c = a + b\n    return c'
+    fn = codetasks.Function("m.py", "add", "add", src, "Add two numbers.\n\nMore detail.", (1, 5))
+    ex = codetasks.examples_for(fn)
+    assert set(ex) == set(codetasks.TASKS)
+    assert ex["function_naming"]["response"] == " add" and "add" not in ex["function_naming"]["prompt"]
+    assert ex["code_to_docstring"]["response"] == " Add two numbers."
+    assert '"""' not in ex["code_to_docstring"]["prompt"]
+    assert ex["docstring_to_code"]["response"] == "    c = a + b\n    return c\n"
+    completion = ex["code_completion"]
+    assert (completion["prompt"] + completion["response"]).endswith(src + "\n")
+
+
+def test_codetasks_mixture_has_four_tasks_of_different_sizes(cache_dir):
+    cfg = DataConfig(source="codetasks", tasks={t: TaskConfig() for t in codetasks.TASKS})
+    mixture = build_mixture(cfg, cache_dir)
+    sizes = {t: len(mixture.train[t]) for t in mixture.tasks}
+    assert all(n > 1000 for n in sizes.values()) and len(set(sizes.values())) > 1
+    assert all(len(mixture.validation[t]) > 50 for t in mixture.tasks)
+    assert (cache_dir / "codetasks").is_dir()  # built once, cached
+
+
+# --- JSONL -------------------------------------------------------------------------------------
+
+
+def test_jsonl_missing_file_names_the_path(tmp_path):
+    with pytest.raises(MtftError, match=r"not found: .*nope\.jsonl"):
+        read_jsonl(tmp_path / "nope.jsonl")
+
+
+def test_jsonl_malformed_line_names_file_and_line(tmp_path):
+    path = write_jsonl(
+        tmp_path / "bad.jsonl", [{"prompt": "a", "response": "b"}, "", '{"prompt": "x", oops}']
+    )
+    with pytest.raises(MtftError, match=r"bad\.jsonl:3: malformed JSON"):
+        read_jsonl(path)
+
+
+def test_jsonl_record_without_known_fields(tmp_path):
+    path = write_jsonl(tmp_path / "odd.jsonl", [{"question": "a"}])
+    with pytest.raises(MtftError, match=r"odd\.jsonl:1: .*'prompt' and 'response', or 'text'"):
+        read_jsonl(path)
+
+
+def test_jsonl_prompt_response_and_text_records(tmp_path):
+    path = write_jsonl(tmp_path / "ok.jsonl", [{"prompt": "p", "response": "r"}, {"text": "t"}])
+    assert read_jsonl(path) == [{"prompt": "p", "response": "r"}, {"prompt": "", "response": "t"}]
+
+
+def test_task_with_no_examples_is_an_error(tmp_path):
+    empty = write_jsonl(tmp_path / "empty.jsonl", [])
+    cfg = DataConfig(source="jsonl", tasks={"t": TaskConfig(train=[str(empty)], val_fraction=0.5)})
+    with pytest.raises(MtftError, match="task 't' has no training examples"):
+        build_mixture(cfg, tmp_path)
+
+
+def test_empty_validation_set_is_an_error(tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": f"x{i}"} for i in range(10)])
+    val = write_jsonl(tmp_path / "val.jsonl", [])
+    cfg = DataConfig(source="jsonl", tasks={"t": TaskConfig(train=[str(train)], validation=[str(val)])})
+    with pytest.raises(MtftError, match="task 't' has an empty validation set"):
+        build_mixture(cfg, tmp_path)
+
+
+def test_val_fraction_holds_out_deterministically_and_caps_apply(tmp_path):
+    train = write_jsonl(
+        tmp_path / "train.jsonl", [{"prompt": f"q{i}", "response": f"a{i}"} for i in range(400)]
+    )
+    cfg = DataConfig(
+        source="jsonl", tasks={"t": TaskConfig(train=[str(train)], val_fraction=0.25, max_train_samples=100)}
+    )
+    a, b = build_mixture(cfg, tmp_path), build_mixture(cfg, tmp_path)
+    assert a.validation == b.validation and a.train == b.train
+    assert len(a.train["t"]) == 100
+    assert 60 < len(a.validation["t"]) < 140
+    seen = {ex["prompt"] for ex in a.train["t"]}
+    assert not seen & {ex["prompt"] for ex in a.validation["t"]}
+
+
+# --- sampler -----------------------------------------------------------------------------------
+
+
+def test_proportional_epoch_sees_every_example_once_and_ranks_are_disjoint():
+    task_ids = [0] * 30 + [1] * 10 + [2] * 8  # 48 examples
+    per_rank = []
+    for rank in range(2):
+        sampler = MixtureSampler(task_ids, batch_size=4, seed=3, rank=rank, world_size=2)
+        it = iter(sampler)
+        per_rank.append([i for _ in range(6) for i in next(it)])  # 6 x 4 x 2 = one epoch
+    assert not set(per_rank[0]) & set(per_rank[1])
+    assert sorted(per_rank[0] + per_rank[1]) == list(range(48))
+
+
+def test_sampler_is_seeded_and_resumes_exactly():
+    task_ids = [0] * 50 + [1] * 7
+    for rule in ("proportional", "uniform", "temperature"):
+        a = MixtureSampler(task_ids, batch_size=5, rule=rule, seed=1)
+        it = iter(a)
+        first = [next(it) for _ in range(13)]
+        state = a.state_dict()
+        rest = [next(it) for _ in range(20)]
+        b = MixtureSampler(task_ids, batch_size=5, rule=rule, seed=1)
+        b.load_state_dict(state)
+        it_b = iter(b)
+        assert [next(it_b) for _ in range(20)] == rest, rule
+        c = MixtureSampler(task_ids, batch_size=5, rule=rule, seed=2)
+        it_c = iter(c)
+        assert [next(it_c) for _ in range(13)] != first, rule
+
+
+def test_uniform_sampling_balances_tasks():
+    task_ids = [0] * 900 + [1] * 100
+    sampler = MixtureSampler(task_ids, batch_size=50, rule="uniform", seed=0)
+    it = iter(sampler)
+    counts = Counter(task_ids[i] for _ in range(40) for i in next(it))
+    assert abs(counts[0] - counts[1]) < 0.1 * 2000
+    prop = iter(MixtureSampler(task_ids, batch_size=50, rule="proportional", seed=0))
+    counts = Counter(task_ids[i] for _ in range(20) for i in next(prop))
+    assert counts[0] == 900 and counts[1] == 100  # exactly one epoch
+
+
+def test_task_probabilities():
+    assert task_probabilities([100, 25], "proportional").tolist() == [0.8, 0.2]
+    assert task_probabilities([100, 25], "uniform").tolist() == [0.5, 0.5]
+    p = task_probabilities([100, 25], "temperature", 2.0).tolist()
+    assert abs(p[0] - 10 / 15) < 1e-9
+    with pytest.raises(MtftError, match="unknown data.sampling 'random'"):
+        task_probabilities([1], "random")
