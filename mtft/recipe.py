@@ -5,13 +5,16 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import datasets
 import torch
 import transformers
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from transformers import set_seed
 
+from mtft.balancers import Balancer
 from mtft.config import TrainConfig
 from mtft.data.collator import TaskCollator
 from mtft.data.mixture import build_mixture, tokenize_mixture
@@ -23,6 +26,16 @@ from mtft.tracking import ConsoleSink, JsonlSink, Tracker, print_final_table, wr
 from mtft.trainer import Trainer, peak_rss_mb
 
 log = logging.getLogger("mtft")
+
+
+def build_balancer(cfg: Any, tasks: list[str]) -> Balancer:
+    """Instantiate the configured balancer; its own config errors surface as plain MtftErrors."""
+    try:
+        return instantiate(cfg, tasks=tasks, _convert_="all")
+    except InstantiationException as e:
+        if isinstance(e.__cause__, MtftError):
+            raise e.__cause__ from None
+        raise
 
 
 def train(cfg: TrainConfig, run_dir: Path, balancer_name: str) -> dict:
@@ -37,6 +50,7 @@ def train(cfg: TrainConfig, run_dir: Path, balancer_name: str) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     mixture = build_mixture(cfg.data, cache_dir)
+    balancer = build_balancer(cfg.balancer, mixture.tasks)
     path = resolve_path(cfg.model, cache_dir, mixture.corpus)
     tokenizer = load_tokenizer(path, cfg.model)
     data = tokenize_mixture(mixture, tokenizer, cfg.data.max_length, cache_dir)
@@ -50,7 +64,6 @@ def train(cfg: TrainConfig, run_dir: Path, balancer_name: str) -> dict:
     model = load_model(path, cfg.model).to(device)
     log.info("model: %s (%.2fM parameters) from %s", type(model).__name__, model.num_parameters() / 1e6, path)
 
-    balancer = instantiate(cfg.balancer, tasks=data.tasks, _convert_="all")
     sampler = MixtureSampler(
         data.train_task_ids,
         cfg.trainer.batch_size,

@@ -12,7 +12,7 @@ import logging
 import math
 import sys
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TextIO
 
 from rich.console import Console
 from rich.logging import RichHandler
@@ -51,19 +51,25 @@ class Sink(Protocol):
 
 
 class JsonlSink:
-    """metrics.jsonl, appended and flushed row by row so a killed run keeps everything it logged."""
+    """metrics.jsonl, appended and flushed row by row so a killed run keeps everything it logged.
+
+    The file is created with the first row, so a run that fails before logging leaves no file behind.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._fh = path.open("a", encoding="utf-8")
+        self._fh: TextIO | None = None
 
     def write(self, rows: list[Row]) -> None:
+        if self._fh is None:
+            self._fh = self.path.open("a", encoding="utf-8")
         for row in rows:
             self._fh.write(json.dumps(row, allow_nan=False) + "\n")
         self._fh.flush()
 
     def close(self) -> None:
-        self._fh.close()
+        if self._fh is not None:
+            self._fh.close()
 
 
 def _fmt(x: float | None) -> str:

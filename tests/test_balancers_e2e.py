@@ -45,3 +45,24 @@ def test_balancer_run_logs_every_tasks_weight(run_mtft, tmp_path, balancer, extr
         assert all(math.isfinite(w) and w > 0 for w in weights[step])
     # an adaptive balancer moves its weights away from where they started
     assert weights[8] != weights[1]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["balancer=coba", "balancer.history_length=1"], "balancer.history_length must be an integer >= 2"),
+        (["balancer=coba", "balancer.tau=0"], "balancer.tau must be a finite number > 0"),
+        (["balancer=famo", "balancer.post_step_loss=later"], "balancer.post_step_loss must be one of"),
+        (
+            ["balancer=gradnorm", "balancer.shared_params=no_such_layer"],
+            "'no_such_layer' matches no trainable",
+        ),
+    ],
+    ids=["coba-history", "coba-tau", "famo-mode", "gradnorm-pattern"],
+)
+def test_bad_balancer_settings_fail_before_training(run_mtft, tmp_path, overrides, message):
+    run_dir = tmp_path / "run"
+    proc = run_mtft("train", *overrides, *SHORT, f"hydra.run.dir={run_dir}", check=False)
+    assert proc.returncode == 2 and message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (run_dir / "metrics.jsonl").exists()  # nothing half-written that would block a rerun
