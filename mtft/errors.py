@@ -3,3 +3,13 @@
 
 class MtftError(Exception):
     """A problem with the user's input or config: printed as `error: <message>`, exit code 2."""
+
+
+class Interrupted(Exception):
+    """The run was stopped by a signal after saving a checkpoint; `mtft train ... trainer.resume=auto` continues it."""
+
+    exit_code = 75  # EX_TEMPFAIL: "try again" — schedulers and scripts can tell it from a failure
+
+    def __init__(self, step: int, checkpoint: str) -> None:
+        super().__init__(f"stopped at step {step}; checkpoint saved to {checkpoint}")
+        self.step, self.checkpoint = step, checkpoint

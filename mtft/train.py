@@ -12,7 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from mtft.config import TrainConfig, conf_dir, register_configs
-from mtft.errors import MtftError
+from mtft.errors import Interrupted, MtftError
 
 log = logging.getLogger("mtft")
 
@@ -30,3 +30,10 @@ def main(cfg: DictConfig) -> None:
     except MtftError as e:
         log.error("error: %s", e)
         sys.exit(2)
+    except Interrupted as e:
+        log.warning(
+            "%s. Continue with the same command plus: trainer.resume=auto hydra.run.dir=%s",
+            e,
+            hydra_cfg.runtime.output_dir,
+        )
+        sys.exit(Interrupted.exit_code)

@@ -21,17 +21,22 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def run_mtft(cache_dir: Path):
+def mtft_env(cache_dir: Path) -> dict[str, str]:
+    """The environment CLI runs get: the session cache, and nothing that could reach the network."""
+    return {**os.environ, "MTFT_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+
+
+@pytest.fixture(scope="session")
+def run_mtft(mtft_env: dict[str, str]):
     """Run the real `mtft` CLI in a subprocess (as a user would) and return the completed process."""
 
     def run(
         *args: str, cwd: Path | None = None, check: bool = True, timeout: int = 600
     ) -> subprocess.CompletedProcess:
-        env = {**os.environ, "MTFT_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
         proc = subprocess.run(
             [sys.executable, "-m", "mtft", *args],
             cwd=cwd or ROOT,
-            env=env,
+            env=mtft_env,
             capture_output=True,
             text=True,
             timeout=timeout,

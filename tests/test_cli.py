@@ -19,7 +19,7 @@ def test_unknown_command(run_mtft):
 def test_train_help_lists_groups_and_options(run_mtft):
     out = run_mtft("train", "--help").stdout
     for line in (
-        "balancer: uniform",
+        "balancer: coba, famo, gradnorm, uniform",
         "data: codetasks, jsonl",
         "model: hf, tiny",
         "deepspeed: none",

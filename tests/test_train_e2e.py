@@ -114,8 +114,9 @@ def test_bf16_autocast_and_grad_accum(run_mtft, tmp_path):
             f"trainer.batch_size={batch}",
             "trainer.max_steps=2",
             "trainer.eval_interval=2",
+            "trainer.eval_batch_size=8",
+            "trainer.eval_batches=1",
             "trainer.save_model=false",
-            *FAST,
             f"hydra.run.dir={run_dir}",
         )
         steps[name] = [r for r in read_metrics(run_dir) if r["split"] == "train" and r["task"] == "all"]

@@ -23,7 +23,7 @@ from mtft.errors import MtftError
 
 log = logging.getLogger(__name__)
 
-TOKENIZE_VERSION = 1
+TOKENIZE_VERSION = 2
 
 
 @dataclass
@@ -64,9 +64,9 @@ def _cap(examples: list[Example], limit: int | None) -> list[Example]:
 def _jsonl_task(name: str, task: TaskConfig) -> tuple[list[Example], list[Example]]:
     if not task.train:
         raise MtftError(f"task '{name}': no training files given (data.tasks.{name}.train)")
-    train = [ex for path in task.train for ex in read_jsonl(path)]
+    train = [ex for path in task.train for ex in read_jsonl(path, name)]
     if task.validation:
-        return train, [ex for path in task.validation for ex in read_jsonl(path)]
+        return train, [ex for path in task.validation for ex in read_jsonl(path, name)]
     if not 0.0 < task.val_fraction < 1.0:
         raise MtftError(f"task '{name}': val_fraction must be in (0, 1) when no validation files are given")
     # Hash-based hold-out: the same example always lands on the same side, duplicates included.
@@ -114,25 +114,27 @@ class TokenizedMixture:
     train: Dataset  # columns: input_ids, prompt_len, task_id
     validation: Dataset
     val_rows: list[list[int]]  # per task: row indices into `validation`
-    truncated: int  # examples cut to max_length
+    truncated: list[int]  # per task: examples (train + validation) cut to max_length
 
     @property
     def train_task_ids(self) -> list[int]:
         return self.train["task_id"]
 
 
-def _tokenize(examples: list[tuple[int, Example]], tokenizer, max_length: int) -> tuple[dict[str, list], int]:
+def _tokenize(
+    examples: list[tuple[int, Example]], tokenizer, max_length: int, truncated: list[int]
+) -> dict[str, list]:
+    """Token ids and prompt lengths; counts the examples cut to `max_length` per task into `truncated`."""
     prompts = tokenizer([ex["prompt"] for _, ex in examples], add_special_tokens=False)["input_ids"]
     responses = tokenizer([ex["response"] for _, ex in examples], add_special_tokens=False)["input_ids"]
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     eos = [tokenizer.eos_token_id]
     cols: dict[str, list] = {"input_ids": [], "prompt_len": [], "task_id": []}
-    truncated = 0
     for (task_id, _), p, r in zip(examples, prompts, responses, strict=True):
         r = r + eos
         if len(bos) + len(p) + len(r) > max_length:
             # Keep the end of the prompt (nearest the answer) and the start of the response.
-            truncated += 1
+            truncated[task_id] += 1
             budget = max(max_length - len(r), max_length // 2) - len(bos)
             p = p[-budget:] if budget > 0 else []
             r = r[: max_length - len(bos) - len(p)]
@@ -140,7 +142,7 @@ def _tokenize(examples: list[tuple[int, Example]], tokenizer, max_length: int) -
         cols["input_ids"].append(p + r)
         cols["prompt_len"].append(len(p))
         cols["task_id"].append(task_id)
-    return cols, truncated
+    return cols
 
 
 def _fingerprint(mixture: Mixture, tokenizer, max_length: int) -> str:
@@ -160,18 +162,31 @@ def _fingerprint(mixture: Mixture, tokenizer, max_length: int) -> str:
 
 
 def tokenize_mixture(
-    mixture: Mixture, tokenizer, max_length: int, cache_dir: Path | None = None
+    mixture: Mixture, tokenizer, max_length: int, cache_dir: Path | None = None, truncation: str = "truncate"
 ) -> TokenizedMixture:
-    """Tokenize every example; with a cache_dir the result is stored once and memory-mapped after."""
+    """Tokenize every example; with a cache_dir the result is stored once and memory-mapped after.
+
+    Examples longer than `max_length` are truncated and counted (`truncation="truncate"`) or stop the
+    run with the count per task (`"error"`).
+    """
+    if truncation not in ("truncate", "error"):
+        raise MtftError(f"data.truncation must be truncate or error, got '{truncation}'")
     path = cache_dir / "tokenized" / _fingerprint(mixture, tokenizer, max_length) if cache_dir else None
     if path is None:
         tokenized = _tokenize_mixture(mixture, tokenizer, max_length)
     else:
         build_dir_once(path, functools.partial(_store, mixture, tokenizer, max_length), marker="meta.json")
         tokenized = _load_tokenized(mixture, path)
-    if tokenized.truncated:
+    counts = {t: n for t, n in zip(mixture.tasks, tokenized.truncated, strict=True) if n}
+    if counts and truncation == "error":
+        listed = ", ".join(f"{t}: {n}" for t, n in counts.items())
+        raise MtftError(
+            f"examples longer than data.max_length={max_length} tokens ({listed}); raise data.max_length "
+            "or set data.truncation=truncate"
+        )
+    if counts:
         total = len(tokenized.train) + len(tokenized.validation)
-        log.info("truncated %d of %d examples to data.max_length=%d", tokenized.truncated, total, max_length)
+        log.info("truncated %d of %d examples to data.max_length=%d", sum(counts.values()), total, max_length)
     return tokenized
 
 
@@ -198,8 +213,9 @@ def _load_tokenized(mixture: Mixture, path: Path) -> TokenizedMixture:
 def _tokenize_mixture(mixture: Mixture, tokenizer, max_length: int) -> TokenizedMixture:
     train_ex = [(i, ex) for i, t in enumerate(mixture.tasks) for ex in mixture.train[t]]
     val_ex = [(i, ex) for i, t in enumerate(mixture.tasks) for ex in mixture.validation[t]]
-    train_cols, n_tr = _tokenize(train_ex, tokenizer, max_length)
-    val_cols, n_va = _tokenize(val_ex, tokenizer, max_length)
+    truncated = [0] * len(mixture.tasks)
+    train_cols = _tokenize(train_ex, tokenizer, max_length, truncated)
+    val_cols = _tokenize(val_ex, tokenizer, max_length, truncated)
     val_rows: list[list[int]] = [[] for _ in mixture.tasks]
     for row, task_id in enumerate(val_cols["task_id"]):
         val_rows[task_id].append(row)
@@ -208,5 +224,5 @@ def _tokenize_mixture(mixture: Mixture, tokenizer, max_length: int) -> Tokenized
         train=Dataset.from_dict(train_cols),
         validation=Dataset.from_dict(val_cols),
         val_rows=val_rows,
-        truncated=n_tr + n_va,
+        truncated=truncated,
     )

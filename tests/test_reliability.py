@@ -1,0 +1,252 @@
+"""The NaN guard, early stopping and the catalogue of bad inputs: clear messages, nothing damaged."""
+
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from mtft.balancers import Uniform
+from mtft.config import ModelConfig, TrainerConfig
+from mtft.data.collator import TaskCollator
+from mtft.data.jsonl import read_jsonl
+from mtft.data.mixture import Mixture, tokenize_mixture
+from mtft.data.sampler import MixtureSampler
+from mtft.errors import MtftError
+from mtft.model import load_tokenizer
+from mtft.tiny import train_tokenizer
+from mtft.tracking import JsonlSink, Tracker
+from mtft.trainer import Trainer, autocast_for
+
+from conftest import ROOT, read_metrics
+
+TEXTS = [f"def f{i}(x):\n    return x * {i}\n" for i in range(40)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(TEXTS * 3, vocab_size=300)
+
+
+def small_mixture() -> Mixture:
+    ex = [{"prompt": f"# task {i}\n", "response": t} for i, t in enumerate(TEXTS)]
+    return Mixture(
+        tasks=["a", "b"], train={"a": ex[:30], "b": ex[10:]}, validation={"a": ex[30:], "b": ex[:10]}
+    )
+
+
+class NaNAt(torch.nn.Module):
+    """A model whose training forward passes return NaN logits at the given (1-based) calls."""
+
+    def __init__(self, model: torch.nn.Module, calls: set[int]) -> None:
+        super().__init__()
+        self.model, self.calls, self.n = model, calls, 0
+
+    def forward(self, **kwargs):
+        out = self.model(**kwargs)
+        if self.training:
+            self.n += 1
+            if self.n in self.calls:
+                out.logits = out.logits * float("nan")
+        return out
+
+
+def make_trainer(tokenizer, run_dir: Path, nan_calls: set[int], **cfg) -> tuple[Trainer, torch.nn.Module]:
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=64,
+        )
+    )
+    data = tokenize_mixture(small_mixture(), tokenizer, 64)
+    wrapped = NaNAt(model, nan_calls)
+    trainer_cfg = TrainerConfig(
+        batch_size=4, eval_batches=1, eval_batch_size=8, warmup_steps=0, save_interval=None, **cfg
+    )
+    sampler = MixtureSampler(data.train_task_ids, trainer_cfg.batch_size, seed=0)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tracker = Tracker([JsonlSink(run_dir / "metrics.jsonl")])
+    trainer = Trainer(
+        trainer_cfg,
+        wrapped,
+        data,
+        TaskCollator(tokenizer.pad_token_id),
+        sampler,
+        Uniform(data.tasks),
+        tracker,
+        torch.device("cpu"),
+        run_dir,
+    )
+    return trainer, model
+
+
+def test_nonfinite_loss_skips_the_update_and_is_logged(tokenizer, tmp_path):
+    trainer, model = make_trainer(tokenizer, tmp_path, nan_calls={3}, max_steps=5, eval_interval=5)
+    result = trainer.fit()
+    trainer.tracker.close()
+    assert result.skipped_steps == 1 and result.steps == 5
+    rows = {(r["step"], r["task"]): r for r in read_metrics(tmp_path) if r["split"] == "train"}
+    assert rows[(3, "all")]["skipped"] is True and rows[(3, "all")]["loss"] is None
+    assert all(rows[(s, "all")].get("skipped") is None for s in (1, 2, 4, 5))
+    assert all(p.isfinite().all() for p in model.parameters())
+
+
+def test_too_many_nonfinite_steps_stop_with_a_message(tokenizer, tmp_path):
+    trainer, _ = make_trainer(
+        tokenizer, tmp_path, nan_calls={2, 3, 4}, max_steps=6, eval_interval=6, max_nonfinite_steps=2
+    )
+    with pytest.raises(MtftError, match=r"non-finite loss of task\(s\) a, b at step 4, 3 steps in a row"):
+        trainer.fit()
+    trainer.tracker.close()
+    assert [r["step"] for r in read_metrics(tmp_path) if r["task"] == "all" and r["split"] == "train"] == [
+        1,
+        2,
+        3,
+        4,
+    ]
+
+
+def test_skipped_update_leaves_weights_untouched(tokenizer, tmp_path):
+    """A run with a NaN at step 2 ends where a run that never saw batch 2's update would: step 2 changes nothing."""
+    a, model_a = make_trainer(tokenizer, tmp_path / "a", nan_calls={2}, max_steps=2, eval_interval=2)
+    a.fit()
+    b, model_b = make_trainer(tokenizer, tmp_path / "b", nan_calls=set(), max_steps=1, eval_interval=1)
+    b.fit()
+    for pa, pb in zip(model_a.parameters(), model_b.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+
+
+def test_early_stopping_on_mean_validation_loss(tokenizer, tmp_path):
+    trainer, _ = make_trainer(
+        tokenizer, tmp_path, nan_calls=set(), max_steps=20, eval_interval=2, lr=0.0, early_stopping_patience=2
+    )
+    result = trainer.fit()
+    assert result.stopped_early and result.steps == 4  # lr=0: no evaluation after step 0 improves
+
+
+def test_bf16_where_unsupported_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    with pytest.raises(MtftError, match="does not support bfloat16"):
+        autocast_for("bf16", torch.device("cuda"))
+    with pytest.raises(MtftError, match="trainer.precision must be fp32 or bf16"):
+        autocast_for("fp16x", torch.device("cpu"))
+
+
+def test_tokenizer_without_pad_token_pads_with_eos(tokenizer, tmp_path, caplog):
+    tokenizer.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config.pop("pad_token", None)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    with caplog.at_level(logging.INFO):
+        loaded = load_tokenizer(str(tmp_path), ModelConfig())
+    assert loaded.pad_token_id == loaded.eos_token_id
+    assert "no pad token: using eos" in caplog.text
+
+
+def test_too_long_examples_truncate_or_error(tokenizer):
+    long = Mixture(
+        tasks=["a"],
+        train={"a": [{"prompt": "x " * 50, "response": "y " * 50}]},
+        validation={"a": [{"prompt": "p", "response": "r"}]},
+    )
+    data = tokenize_mixture(long, tokenizer, 32)
+    assert data.truncated == [1] and len(data.train[0]["input_ids"]) == 32
+    with pytest.raises(MtftError, match=r"longer than data.max_length=32 tokens \(a: 1\)"):
+        tokenize_mixture(long, tokenizer, 32, truncation="error")
+
+
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        ({"prompt": "", "response": "r"}, "empty prompt"),
+        ({"prompt": "p", "response": "  "}, "empty response"),
+        ({"text": ""}, "empty text"),
+        (
+            {"prompt": "p", "response": "r", "task": "other"},
+            "record is for task 'other' but this file belongs to task 'qa'",
+        ),
+    ],
+)
+def test_bad_records_name_file_and_line(tmp_path, record, message):
+    path = tmp_path / "qa.jsonl"
+    path.write_text(json.dumps({"prompt": "ok", "response": "ok"}) + "\n" + json.dumps(record) + "\n")
+    with pytest.raises(MtftError, match=rf"qa\.jsonl:2: {message}"):
+        read_jsonl(path, task="qa")
+
+
+def test_duplicated_task_names_are_refused(run_mtft, tmp_path):
+    conf = tmp_path / "conf" / "data"
+    conf.mkdir(parents=True)
+    (conf / "dup.yaml").write_text(
+        "source: jsonl\ntasks:\n  qa:\n    train: [a.jsonl]\n  qa:\n    train: [b.jsonl]\n"
+    )
+    proc = run_mtft("train", "--config-dir", str(tmp_path / "conf"), "data=dup", check=False)
+    assert proc.returncode != 0 and "duplicate key" in (proc.stderr + proc.stdout).lower()
+
+
+@pytest.mark.slow
+def test_bad_input_on_resume_damages_nothing(run_mtft, tmp_path):
+    """A run that fails on bad input while resuming leaves its checkpoints and metrics exactly as they were."""
+    run_dir = tmp_path / "run"
+    args = [
+        "trainer.max_steps=2",
+        "trainer.save_interval=1",
+        "trainer.eval_interval=2",
+        "trainer.eval_batches=1",
+        "trainer.eval_batch_size=8",
+        "trainer.batch_size=4",
+        f"hydra.run.dir={run_dir}",
+    ]
+    run_mtft("train", *args)
+    files = {
+        p: p.read_bytes()
+        for p in run_dir.rglob("*")
+        if p.is_file() and ".hydra" not in p.parts and p.suffix != ".log"
+    }
+    for bad in (
+        ["trainer.max_steps=4", "data.max_length=100000"],
+        ["trainer.max_steps=4", "data.truncation=error"],
+    ):
+        proc = run_mtft("train", *args, *bad, "trainer.resume=auto", check=False)
+        assert proc.returncode == 2, proc.stderr
+        assert {p: p.read_bytes() for p in files} == files
+
+
+@pytest.mark.slow
+def test_secrets_never_reach_the_run_dir(mtft_env, tmp_path):
+    secrets = {"WANDB_API_KEY": "wandb-secret-0123456789abcdef", "HF_TOKEN": "hf_secretTOKENvalue42"}
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mtft",
+            "train",
+            "trainer.max_steps=1",
+            "trainer.eval_interval=1",
+            "trainer.eval_batches=1",
+            "trainer.eval_batch_size=8",
+            "trainer.batch_size=4",
+            f"hydra.run.dir={run_dir}",
+        ],
+        env={**mtft_env, **secrets},
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    for path in [p for p in run_dir.rglob("*") if p.is_file()]:
+        content = path.read_bytes()
+        assert not any(v.encode() in content for v in secrets.values()), path
+    assert not any(v in proc.stdout + proc.stderr for v in secrets.values())

@@ -1,0 +1,140 @@
+"""Killed, preempted and resumed runs end exactly where an uninterrupted run ends (bitwise on CPU)."""
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, read_metrics
+
+ARGS = [
+    "trainer.max_steps=6",
+    "trainer.save_interval=2",
+    "trainer.eval_interval=2",
+    "trainer.eval_batches=1",
+    "trainer.eval_batch_size=8",
+    "trainer.batch_size=4",
+    "trainer.keep_checkpoints=5",
+]
+BALANCERS = {
+    "uniform": ["balancer=uniform"],
+    "coba": ["balancer=coba", "balancer.warmup_steps=2", "balancer.history_length=3"],
+}
+TIMING = {"tokens_per_s"}
+
+# Runs mtft with checkpoint saving of step 4 stalled after its files are written but before the
+# rename that publishes it, so the test can SIGKILL the process in the middle of a checkpoint write.
+STALL_IN_SAVE = """
+import pathlib, sys, time
+import mtft.checkpoint as checkpoint
+from mtft.cli import main
+marker, args = pathlib.Path(sys.argv[1]), sys.argv[2:]
+fsync = checkpoint._fsync_dir
+def stalled(path):
+    if path.name.startswith(".tmp-step-00000004"):
+        marker.write_text("writing")
+        time.sleep(600)
+    fsync(path)
+checkpoint._fsync_dir = stalled
+sys.argv = ["mtft", *args]
+sys.exit(main())
+"""
+
+
+def comparable(run_dir: Path) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in TIMING} for row in read_metrics(run_dir)]
+
+
+def assert_same_run(run_dir: Path, reference: Path) -> None:
+    assert comparable(run_dir) == comparable(reference)
+    ours, theirs = (
+        load_file(run_dir / "model" / "model.safetensors"),
+        load_file(reference / "model" / "model.safetensors"),
+    )
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert torch.equal(ours[name], theirs[name]), name
+
+
+def spawn(env: dict, *args: str, code: str | None = None) -> subprocess.Popen:
+    cmd = [sys.executable, "-c", code, *args] if code else [sys.executable, "-m", "mtft", *args]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(condition, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, f"run ended early ({proc.returncode}): {proc.communicate()[1]}"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def trained_to(run_dir: Path, step: int):
+    def reached() -> bool:
+        path = run_dir / "metrics.jsonl"
+        return path.exists() and f'"step": {step}, "split": "train", "task": "all"' in path.read_text()
+
+    return reached
+
+
+@pytest.fixture(scope="module")
+def reference(run_mtft, tmp_path_factory):
+    """One uninterrupted run per balancer, the ground truth every interrupted run must reproduce."""
+    root = tmp_path_factory.mktemp("reference")
+    for name, args in BALANCERS.items():
+        run_mtft("train", *args, *ARGS, f"hydra.run.dir={root / name}")
+    return root
+
+
+@pytest.mark.slow
+def test_sigkill_mid_training_then_resume_is_bitwise_identical(run_mtft, mtft_env, reference, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = spawn(mtft_env, "train", *BALANCERS["uniform"], *ARGS, f"hydra.run.dir={run_dir}")
+    wait_for(trained_to(run_dir, 3), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "summary.json").exists()
+    run_mtft("train", *BALANCERS["uniform"], *ARGS, "trainer.resume=auto", f"hydra.run.dir={run_dir}")
+    assert_same_run(run_dir, reference / "uniform")
+
+
+@pytest.mark.slow
+def test_sigkill_during_checkpoint_write_then_resume(run_mtft, mtft_env, reference, tmp_path):
+    run_dir, marker = tmp_path / "run", tmp_path / "in-save"
+    args = ["train", *BALANCERS["uniform"], *ARGS, f"hydra.run.dir={run_dir}"]
+    proc = spawn(mtft_env, str(marker), *args, code=STALL_IN_SAVE)
+    wait_for(marker.exists, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    checkpoints = run_dir / "checkpoints"
+    assert [p.name for p in checkpoints.iterdir() if not p.name.startswith(".")] == ["step-00000002"]
+    assert any(p.name.startswith(".tmp-step-00000004") for p in checkpoints.iterdir())  # the torn write
+    run_mtft(*args, "trainer.resume=auto")
+    assert not any(p.name.startswith(".tmp-") for p in checkpoints.iterdir())
+    assert_same_run(run_dir, reference / "uniform")
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_exits_resumable(run_mtft, mtft_env, reference, tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["train", *BALANCERS["coba"], *ARGS, "trainer.save_interval=100", f"hydra.run.dir={run_dir}"]
+    proc = spawn(mtft_env, *args)
+    wait_for(trained_to(run_dir, 3), proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err
+    assert "SIGTERM received" in err and "trainer.resume=auto" in err
+    saved = [p.name for p in (run_dir / "checkpoints").iterdir()]
+    assert len(saved) == 1 and saved[0].startswith("step-")
+    run_mtft(*args, "trainer.resume=auto")
+    assert_same_run(run_dir, reference / "coba")
+
+
+def test_resume_path_that_is_not_a_checkpoint(run_mtft, tmp_path):
+    proc = run_mtft("train", f"trainer.resume={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}", check=False)
+    assert proc.returncode == 2 and "no checkpoint there" in proc.stderr
