@@ -8,6 +8,7 @@ from mtft import __version__
 
 COMMANDS = {
     "train": "train a model on a task mixture with a loss balancer (Hydra overrides; see `mtft train --help`)",
+    "report": "compare runs (e.g. a balancer sweep): Markdown table + per-task plots (see `mtft report --help`)",
 }
 
 USAGE = """usage: mtft <command> [args...]
@@ -22,6 +23,7 @@ examples:
   mtft train balancer=uniform trainer.max_steps=100 seed=1
   mtft train -m balancer=uniform seed=1,2,3    Hydra multirun, one job dir each
   mtft train --help                            config groups and options
+  mtft report multirun/2026-11-24/12-00-00     compare a sweep's balancers: table + plots
 """
 
 
@@ -45,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.argv = [f"{sys.argv[0]} train", *rest]  # Hydra parses sys.argv
         train_main()
         return 0
+    if command == "report":
+        from mtft.report import main as report_main
+
+        return report_main(rest)
     print(f"mtft: unknown command '{command}'\n\n{_usage()}", file=sys.stderr)
     return 2
 

@@ -64,6 +64,7 @@ class DataConfig:
     # checks every entry against TaskConfig at start-up.
     tasks: dict[str, Any] = field(default_factory=dict)
     max_length: int = 256
+    truncation: str = "truncate"  # longer examples: truncate (and count them) | error
     # Mixture sampling: proportional (to task size) | uniform (equal per task) | temperature (n_i^(1/t)).
     sampling: str = "proportional"
     temperature: float = 2.0
@@ -90,12 +91,45 @@ class TrainerConfig:
     eval_batch_size: int = 32
     log_interval: int = 1  # train rows in metrics.jsonl every N steps
     save_model: bool = True
+    save_interval: int | None = 100  # checkpoint every N steps (and always at the end); null: end only
+    keep_checkpoints: int = 2  # the last K checkpoints are kept, plus the best by mean validation loss
+    resume: str | None = None  # auto (latest checkpoint in the run dir) | a checkpoint directory
+    max_nonfinite_steps: int = 3  # consecutive skipped (NaN/inf) updates tolerated before stopping
+    early_stopping_patience: int | None = None  # stop after N evaluations without improvement
+    early_stopping_min_delta: float = 0.0
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases: the same series as metrics.jsonl, one W&B run per job."""
+
+    enabled: bool = False
+    # online | offline | disabled; null = wandb's own default (WANDB_MODE, `wandb offline`, else online).
+    mode: str | None = None
+    project: str = "mtft"
+    entity: str | None = None
+    name: str | None = None  # null: "<balancer> seed=<seed>", e.g. "coba seed=1"
+    group: str | None = None  # null: the multirun sweep dir, so a sweep's runs sit together
+    job_type: str | None = None  # null: the balancer choice
+    tags: list[str] = field(default_factory=list)  # added to balancer=<choice> and data=<choice>
+    notes: str | None = None
+
+
+@dataclass
+class TensorboardConfig:
+    """TensorBoard event files: the same series as metrics.jsonl."""
+
+    enabled: bool = False
+    log_dir: str | None = None  # null: <run dir>/tensorboard
 
 
 @dataclass
 class LoggerConfig:
-    name: str = "jsonl"
+    """Where metrics go besides the always-written metrics.jsonl; several sinks can be on at once."""
+
     progress: bool = True  # live progress bar on the console
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    tensorboard: TensorboardConfig = field(default_factory=TensorboardConfig)
 
 
 @dataclass

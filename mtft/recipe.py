@@ -15,14 +15,16 @@ from hydra.utils import instantiate
 from transformers import set_seed
 
 from mtft.balancers import Balancer
+from mtft.checkpoint import find_checkpoint
 from mtft.config import TrainConfig
 from mtft.data.collator import TaskCollator
 from mtft.data.mixture import build_mixture, tokenize_mixture
 from mtft.data.sampler import MixtureSampler
 from mtft.distributed import rank, world_size
 from mtft.errors import MtftError
+from mtft.loggers import build_sinks
 from mtft.model import load_model, load_tokenizer, resolve_path
-from mtft.tracking import ConsoleSink, JsonlSink, Tracker, print_final_table, write_summary
+from mtft.tracking import Tracker, print_final_table, write_summary
 from mtft.trainer import Trainer, peak_rss_mb
 
 log = logging.getLogger("mtft")
@@ -38,11 +40,26 @@ def build_balancer(cfg: Any, tasks: list[str]) -> Balancer:
         raise
 
 
+def checkpoint_to_resume(run_dir: Path, resume: str | None) -> Path | None:
+    """The checkpoint to continue from; a fresh run refuses a run dir that already holds a run."""
+    metrics = run_dir / "metrics.jsonl"
+    if not resume:
+        if metrics.exists():
+            raise MtftError(
+                f"{run_dir} already holds a run (metrics.jsonl): continue it with trainer.resume=auto, "
+                "or choose another hydra.run.dir"
+            )
+        return None
+    path = find_checkpoint(run_dir, resume)
+    if path is None:
+        log.info("trainer.resume=auto: no checkpoint in %s yet, starting from the beginning", run_dir)
+    return path
+
+
 def train(cfg: TrainConfig, run_dir: Path, balancer_name: str) -> dict:
     """Run one training job into `run_dir` and return its summary."""
     start = time.perf_counter()
-    if (run_dir / "metrics.jsonl").exists():
-        raise MtftError(f"{run_dir} already holds a run (metrics.jsonl); choose another hydra.run.dir")
+    resume_from = checkpoint_to_resume(run_dir, cfg.trainer.resume)
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     set_seed(cfg.seed)
@@ -53,7 +70,7 @@ def train(cfg: TrainConfig, run_dir: Path, balancer_name: str) -> dict:
     balancer = build_balancer(cfg.balancer, mixture.tasks)
     path = resolve_path(cfg.model, cache_dir, mixture.corpus)
     tokenizer = load_tokenizer(path, cfg.model)
-    data = tokenize_mixture(mixture, tokenizer, cfg.data.max_length, cache_dir)
+    data = tokenize_mixture(mixture, tokenizer, cfg.data.max_length, cache_dir, cfg.data.truncation)
     log.info(
         "tasks: %s",
         ", ".join(
@@ -62,6 +79,11 @@ def train(cfg: TrainConfig, run_dir: Path, balancer_name: str) -> dict:
         ),
     )
     model = load_model(path, cfg.model).to(device)
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context is not None and cfg.data.max_length > context:
+        raise MtftError(
+            f"data.max_length={cfg.data.max_length} exceeds the model's context ({context} tokens)"
+        )
     log.info("model: %s (%.2fM parameters) from %s", type(model).__name__, model.num_parameters() / 1e6, path)
 
     sampler = MixtureSampler(
@@ -73,11 +95,7 @@ def train(cfg: TrainConfig, run_dir: Path, balancer_name: str) -> dict:
         rank=rank(),
         world_size=world_size(),
     )
-    sinks = [
-        JsonlSink(run_dir / "metrics.jsonl"),
-        ConsoleSink(data.tasks, cfg.trainer.max_steps, cfg.logger.progress),
-    ]
-    tracker = Tracker(sinks)
+    tracker = Tracker(build_sinks(cfg, run_dir, data.tasks))
     trainer = Trainer(
         cfg.trainer,
         model,
@@ -87,10 +105,11 @@ def train(cfg: TrainConfig, run_dir: Path, balancer_name: str) -> dict:
         balancer,
         tracker,
         device,
+        run_dir,
         cfg.seed,
     )
     try:
-        result = trainer.fit()
+        result = trainer.fit(resume_from)
     finally:
         tracker.close()
 
@@ -110,6 +129,8 @@ def train(cfg: TrainConfig, run_dir: Path, balancer_name: str) -> dict:
         "train_tokens_per_s": result.tokens_per_s,
         "wall_s": time.perf_counter() - start,
         "peak_rss_mb": peak_rss_mb(),
+        "skipped_steps": result.skipped_steps,
+        "stopped_early": result.stopped_early,
     }
     write_summary(run_dir, summary)
     print_final_table(summary, run_dir)

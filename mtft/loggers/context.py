@@ -1,0 +1,56 @@
+"""What a dashboard logger knows about the run besides its metrics: the config and where it sits in a sweep.
+
+Read once from the typed config and Hydra's runtime state, so the sinks themselves stay free of
+Hydra. The config a logger publishes never holds secrets: keys that name one (`api_key`, `token`,
+`*_secret`, `password`, ...) are dropped, whatever their nesting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import ListConfig
+
+SECRET_KEY = re.compile(
+    r"(^|_)(api_?key|secret|password|passwd|credentials?)$|^(token|auth_token|access_token|hf_token)$", re.I
+)
+
+
+def redact(node: Any) -> Any:
+    """A copy of a config tree without the entries whose key names a secret."""
+    if isinstance(node, dict):
+        return {k: redact(v) for k, v in node.items() if not SECRET_KEY.search(str(k))}
+    if isinstance(node, list | tuple):
+        return [redact(v) for v in node]
+    return node
+
+
+@dataclass
+class RunContext:
+    run_dir: Path
+    config: dict[str, Any] = field(default_factory=dict)  # resolved, secrets removed
+    choices: dict[str, str] = field(default_factory=dict)  # config group -> option (balancer: coba, ...)
+    sweep_dir: str | None = None  # the multirun's sweep dir; None for a single run
+
+
+def run_context(cfg: Any, run_dir: Path) -> RunContext:
+    """Collect the run's config and Hydra choices; works outside Hydra too (no choices then)."""
+    config = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
+    ctx = RunContext(run_dir=run_dir, config=redact(config))
+    if not HydraConfig.initialized():
+        return ctx
+    hydra_cfg = HydraConfig.get()
+    ctx.choices = {
+        str(k): ",".join(map(str, v)) if isinstance(v, list | tuple | ListConfig) else str(v)
+        for k, v in hydra_cfg.runtime.choices.items()
+        if v is not None and not str(k).startswith("hydra/")
+    }
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        ctx.sweep_dir = str(hydra_cfg.sweep.dir)
+    return ctx

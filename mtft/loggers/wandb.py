@@ -1,0 +1,76 @@
+"""Weights & Biases sink: every metrics.jsonl row as W&B series, one W&B run per mtft job.
+
+Runs of one Hydra multirun share a W&B group (the sweep dir), so the dashboard shows a sweep's
+balancers and seeds together; job_type and tags carry the balancer and data choices. The W&B files
+live under `<run dir>/wandb/`. The API key is only ever read by wandb itself (from WANDB_API_KEY or
+`wandb login`): mtft never passes it, logs it, or writes it to the run dir.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mtft.config import WandbConfig
+from mtft.errors import MtftError
+from mtft.loggers.context import RunContext
+from mtft.loggers.series import Row, series_by_step
+
+MODES = ("online", "offline", "disabled")
+
+
+def init_kwargs(cfg: WandbConfig, ctx: RunContext) -> dict[str, Any]:
+    """The arguments of `wandb.init` for this job: names from the config, else from the sweep."""
+    if cfg.mode is not None and cfg.mode not in MODES:
+        raise MtftError(f"logger.wandb.mode must be one of {', '.join(MODES)} or null, got '{cfg.mode}'")
+    balancer = ctx.choices.get("balancer")
+    tags = [f"{group}={ctx.choices[group]}" for group in ("balancer", "data") if group in ctx.choices]
+    return {
+        "mode": cfg.mode,
+        "project": cfg.project,
+        "entity": cfg.entity,
+        "name": cfg.name or (f"{balancer} seed={ctx.config.get('seed')}" if balancer else None),
+        "group": cfg.group or ctx.sweep_dir,
+        "job_type": cfg.job_type or balancer,
+        "tags": [*tags, *cfg.tags],
+        "notes": cfg.notes,
+        "config": {**ctx.config, "choices": ctx.choices},
+        "dir": str(ctx.run_dir),
+    }
+
+
+def previous_run_id(ctx: RunContext) -> str | None:
+    """The W&B id of an earlier attempt in this run dir (a resumed run continues the same W&B run)."""
+    latest = ctx.run_dir / "wandb" / "latest-run"
+    if not latest.is_dir():
+        return None
+    found = sorted(latest.glob("run-*.wandb"))
+    return found[0].stem.removeprefix("run-") if found else None
+
+
+class WandbSink:
+    """Logs each write's rows as one W&B step; `close` finishes the run."""
+
+    def __init__(self, cfg: WandbConfig, ctx: RunContext) -> None:
+        import wandb
+
+        kwargs = init_kwargs(cfg, ctx)
+        run_id = previous_run_id(ctx)
+        if run_id:
+            kwargs.update(id=run_id, resume="allow")
+        # console="off": the run dir already has the console log (train.log), and the live progress
+        # bar stays intact.
+        try:
+            self.run = wandb.init(**kwargs, settings=wandb.Settings(console="off"))
+        except wandb.errors.Error as e:
+            raise MtftError(
+                f"wandb could not start a run: {e} (no network or no login? try logger.wandb.mode=offline)"
+            ) from None
+
+    def write(self, rows: list[Row]) -> None:
+        for step, values in sorted(series_by_step(rows).items()):
+            if step < self.run.step:
+                continue  # a resumed run replays steps W&B already has; W&B steps only go forward
+            self.run.log(values, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
