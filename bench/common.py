@@ -24,15 +24,16 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from mtft.backend import build_backend
-from mtft.config import TrainConfig, conf_dir, register_configs
 from mtft.data.collator import TaskCollator
 from mtft.data.mixture import TokenizedMixture, build_mixture, tokenize_mixture
 from mtft.data.sampler import MixtureSampler, sequence_lengths
-from mtft.model import load_model, load_tokenizer, resolve_path
-from mtft.recipe import build_balancer
-from mtft.tracking import JsonlSink, Row, Tracker
-from mtft.trainer import Trainer
+from mtft.engine.backend import build_backend
+from mtft.engine.loop import Trainer
+from mtft.loggers.base import Row, Tracker
+from mtft.loggers.jsonl import JsonlSink
+from mtft.models.loading import load_model, load_tokenizer, resolve_path
+from mtft.recipe.config import TrainConfig, conf_dir, register_configs
+from mtft.recipe.finetune import build_balancer
 
 ROOT = Path(__file__).resolve().parent.parent
 register_configs()

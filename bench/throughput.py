@@ -21,8 +21,8 @@ from transformers import PrinterCallback, TrainerCallback, TrainingArguments
 from transformers import Trainer as HFTrainer
 
 from bench.common import Setup, Timing, median, run_mtft
-from mtft.backend import build_optimizer, build_scheduler
 from mtft.data.collator import IGNORE_INDEX
+from mtft.engine.backend import build_optimizer, build_scheduler
 
 SIDES = ("bare", "hf", "mtft", "mtft_grouped")
 LABELS = {

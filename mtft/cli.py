@@ -46,18 +46,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = args[0], args[1:]
     if command == "train":
-        from mtft.launch import join_launched_job
-        from mtft.train import main as train_main
+        from mtft.launch.app import main as train_main
+        from mtft.launch.process_group import join_launched_job
 
         sys.argv = [f"{sys.argv[0]} train", *join_launched_job(rest)]  # Hydra parses sys.argv
         train_main()
         return 0
     if command == "report":
-        from mtft.report import main as report_main
+        from mtft.report.cli import main as report_main
 
         return report_main(rest)
     if command == "export":
-        from mtft.export import main as export_main
+        from mtft.models.export import main as export_main
 
         return export_main(rest)
     print(f"mtft: unknown command '{command}'\n\n{_usage()}", file=sys.stderr)

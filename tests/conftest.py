@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mtft.config import TinyModelConfig
+from mtft.models.config import TinyModelConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 # A Llama small enough to build and train in a second, for tests that need a real model.

@@ -12,9 +12,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from mtft.balancers.coba import CoBa, least_squares_slope
-from mtft.config import CobaBalancerConfig
-from mtft.errors import MtftError
+from mtft.balancers.coba import CoBa, CobaBalancerConfig, least_squares_slope
+from mtft.core.errors import MtftError
 
 
 def feed(balancer: CoBa, curves: np.ndarray, steps: list[int] | None = None, absent=None) -> list[np.ndarray]:

@@ -6,12 +6,12 @@ import pytest
 import torch
 from datasets import Dataset
 
-from mtft.config import DataConfig, TaskConfig
+from mtft.core.errors import MtftError
 from mtft.data import codetasks
+from mtft.data.config import DataConfig, TaskConfig
 from mtft.data.jsonl import read_jsonl
 from mtft.data.mixture import build_mixture
 from mtft.data.sampler import MixtureSampler, sequence_lengths, task_probabilities
-from mtft.errors import MtftError
 
 
 def write_jsonl(path: Path, records: list) -> Path:

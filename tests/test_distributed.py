@@ -17,9 +17,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mtft.config import DeepSpeedConfig, TrainerConfig
-from mtft.deepspeed_config import deepspeed_config
-from mtft.errors import MtftError
+from mtft.core.errors import MtftError
+from mtft.engine.config import DeepSpeedConfig, TrainerConfig
+from mtft.engine.deepspeed_config import deepspeed_config
 
 from conftest import ROOT, read_metrics
 

@@ -11,7 +11,7 @@ import torch
 from mtft.balancers.base import TaskLosses
 from mtft.balancers.famo import FAMO
 from mtft.balancers.uniform import Uniform
-from mtft.errors import MtftError
+from mtft.core.errors import MtftError
 
 TASKS = ["a", "b", "c"]
 ALL = [True, True, True]
@@ -348,7 +348,7 @@ def test_hydra_config_builds_famo() -> None:
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    from mtft.config import conf_dir, register_configs
+    from mtft.recipe.config import conf_dir, register_configs
 
     register_configs()
     with initialize_config_dir(str(conf_dir().resolve()), version_base=None):

@@ -13,7 +13,7 @@ from torch import nn
 
 from mtft.balancers.base import TaskLosses
 from mtft.balancers.gradnorm import GradNorm
-from mtft.errors import MtftError
+from mtft.core.errors import MtftError
 
 TASKS = ["small", "large"]
 

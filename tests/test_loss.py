@@ -3,7 +3,7 @@ import torch.nn.functional as F
 
 from mtft.balancers import TaskLosses, Uniform
 from mtft.data.collator import IGNORE_INDEX, TaskCollator
-from mtft.loss import per_task_token_loss
+from mtft.engine.loss import per_task_token_loss
 
 
 def naive_per_task_loss(logits, labels, task_ids, num_tasks):

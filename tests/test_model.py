@@ -1,8 +1,8 @@
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mtft.config import ModelConfig
-from mtft.model import load_model, load_tokenizer, resolve_path
+from mtft.models.config import ModelConfig
+from mtft.models.loading import load_model, load_tokenizer, resolve_path
 
 from conftest import SMALL
 

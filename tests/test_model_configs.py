@@ -10,11 +10,12 @@ import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from mtft.config import ModelConfig, TrainConfig, conf_dir, register_configs
+from mtft.core.errors import MtftError
 from mtft.data.collator import IGNORE_INDEX, TaskCollator
 from mtft.data.mixture import Mixture, tokenize_mixture
-from mtft.errors import MtftError
-from mtft.model import load_tokenizer, resolve_path
+from mtft.models.config import ModelConfig
+from mtft.models.loading import load_tokenizer, resolve_path
+from mtft.recipe.config import TrainConfig, conf_dir, register_configs
 
 from conftest import SMALL
 

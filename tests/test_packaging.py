@@ -6,13 +6,13 @@ import zipfile
 
 import pytest
 
-from mtft.config import conf_dir
+from mtft.recipe.config import conf_dir
 
 from conftest import ROOT
 
 
 def test_conf_found_from_checkout():
-    assert conf_dir() == ROOT / "conf" and (conf_dir() / "train.yaml").is_file()
+    assert conf_dir() == ROOT / "mtft" / "conf" and (conf_dir() / "train.yaml").is_file()
 
 
 @pytest.mark.slow
@@ -38,7 +38,7 @@ def test_wheel_carries_conf_and_finds_it(tmp_path):
     target = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(target)
     out = subprocess.run(
-        [sys.executable, "-c", "from mtft.config import conf_dir; print(conf_dir())"],
+        [sys.executable, "-c", "from mtft.recipe.config import conf_dir; print(conf_dir())"],
         env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"},
         capture_output=True,
         text=True,

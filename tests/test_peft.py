@@ -22,12 +22,13 @@ from transformers import (
     OPTForCausalLM,
 )
 
-from mtft import adapters
-from mtft.adapters import apply_peft, check_adapter_support, count_parameters, quantization_config
-from mtft.config import LoraAdapterConfig, ModelConfig, QLoraAdapterConfig, TrainerConfig
-from mtft.errors import MtftError
-from mtft.export import main as export_main
-from mtft.model import load_model, load_tokenizer, resolve_path
+from mtft.models import adapters
+from mtft.core.errors import MtftError
+from mtft.engine.config import TrainerConfig
+from mtft.models.adapters import apply_peft, check_adapter_support, count_parameters, quantization_config
+from mtft.models.config import LoraAdapterConfig, ModelConfig, QLoraAdapterConfig
+from mtft.models.export import main as export_main
+from mtft.models.loading import load_model, load_tokenizer, resolve_path
 
 from conftest import SMALL, read_metrics
 

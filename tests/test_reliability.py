@@ -10,18 +10,20 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from mtft.backend import TorchBackend, autocast_for
 from mtft.balancers import Uniform
-from mtft.config import ModelConfig, TrainerConfig
+from mtft.core.errors import MtftError
 from mtft.data.collator import TaskCollator
 from mtft.data.jsonl import read_jsonl
 from mtft.data.mixture import Mixture, tokenize_mixture
 from mtft.data.sampler import MixtureSampler
-from mtft.errors import MtftError
-from mtft.model import load_tokenizer
-from mtft.tiny import train_tokenizer
-from mtft.tracking import JsonlSink, Tracker
-from mtft.trainer import Trainer
+from mtft.engine.backend import TorchBackend, autocast_for
+from mtft.engine.config import TrainerConfig
+from mtft.engine.loop import Trainer
+from mtft.loggers.base import Tracker
+from mtft.loggers.jsonl import JsonlSink
+from mtft.models.config import ModelConfig
+from mtft.models.loading import load_tokenizer
+from mtft.models.tiny import train_tokenizer
 
 from conftest import ROOT, read_metrics
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mtft.report import build_report, markdown_table
+from mtft.report.aggregate import build_report
+from mtft.report.present import markdown_table
 
 TASKS = ["code_completion", "docstring_to_code", "code_to_docstring", "function_naming"]
 TINY = [
@@ -120,7 +121,7 @@ def test_table_aggregates_over_seeds(sweep):
 
 
 def test_weights_are_normalized_per_step(sweep):
-    from mtft.report import val_curve, weight_curve
+    from mtft.report.aggregate import val_curve, weight_curve
 
     report = build_report([sweep])
     steps, mean, _, _ = weight_curve(report.results[0], "b")

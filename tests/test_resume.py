@@ -31,7 +31,7 @@ TIMING = {"tokens_per_s"}
 # rename that publishes it, so the test can SIGKILL the process in the middle of a checkpoint write.
 STALL_IN_SAVE = """
 import pathlib, sys, time
-import mtft.checkpoint as checkpoint
+import mtft.engine.checkpoint as checkpoint
 from mtft.cli import main
 marker, args = pathlib.Path(sys.argv[1]), sys.argv[2:]
 fsync = checkpoint._fsync_dir

@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mtft.config import LoggerConfig, TrainConfig, WandbConfig
+from mtft.loggers.config import LoggerConfig, WandbConfig
+from mtft.loggers.console import ConsoleSink
 from mtft.loggers.context import RunContext, redact
 from mtft.loggers.series import row_series, series_by_step
 from mtft.loggers.wandb import init_kwargs, previous_run_id
-from mtft.tracking import ConsoleSink
+from mtft.recipe.config import TrainConfig
 
 from conftest import read_metrics
 
@@ -113,7 +114,7 @@ def test_a_resumed_run_continues_its_wandb_run(tmp_path):
 
 
 def test_wandb_mode_is_checked(tmp_path):
-    from mtft.errors import MtftError
+    from mtft.core.errors import MtftError
 
     with pytest.raises(MtftError, match="logger.wandb.mode must be one of online, offline, disabled"):
         init_kwargs(WandbConfig(enabled=True, mode="ofline"), RunContext(run_dir=tmp_path))
@@ -305,7 +306,7 @@ def test_tensorboard_events_hold_the_per_task_series(logged_run):
 
 
 def test_wandb_sink_is_not_started_when_disabled(tmp_path):
-    from mtft.loggers import build_sinks
+    from mtft.recipe.builders import build_sinks
 
     cfg = TrainConfig(logger=LoggerConfig(progress=False))
     sinks = build_sinks(cfg, tmp_path, TASKS)

@@ -11,12 +11,13 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from mtft.balancers.base import Balancer
-from mtft.errors import MtftError
+from mtft.core.errors import MtftError
 
 
 def least_squares_slope(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -42,6 +43,18 @@ def _normalize_by_abs_sum(values: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """`values / sum |values|` along `dim`; 0 where that sum is 0 (all slopes flat: no signal)."""
     total = values.abs().sum(dim=dim, keepdim=True)
     return torch.where(total > 0, values / torch.where(total > 0, total, torch.ones_like(total)), 0.0)
+
+
+@dataclass
+class CobaBalancerConfig:
+    """CoBa (Gong et al., EMNLP 2024): weights from the slopes of normalized validation-loss curves."""
+
+    _target_: str = "mtft.balancers.coba.CoBa"
+    warmup_steps: int = 100  # equal weights until then
+    history_length: int = 200  # window of validation points for the slope fits
+    tau: float = 5.0  # temperature of the divergence factor
+    update_interval: int = 1  # steps between validation probes / weight updates
+    sample_valid_num: int = 1  # validation batches per probe
 
 
 class CoBa(Balancer):

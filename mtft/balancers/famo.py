@@ -26,17 +26,30 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from mtft.balancers.base import Balancer, TaskLosses
-from mtft.errors import MtftError
+from mtft.core.errors import MtftError
 
 POST_STEP_LOSSES = ("next_batch", "recompute")
 
 # (per-task losses, present mask), float32 / bool on the CPU
 _Observed = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class FamoBalancerConfig:
+    """FAMO (Liu et al., NeurIPS 2023): task logits trained so every task's log-loss falls at a similar rate."""
+
+    _target_: str = "mtft.balancers.famo.FAMO"
+    lr: float = 0.025  # Adam learning rate of the task logits
+    gamma: float = 0.001  # weight decay of the task logits
+    min_losses: dict[str, float] | None = None  # per-task loss floor m_i (default 0)
+    eps: float = 1e-8
+    post_step_loss: str = "next_batch"  # next_batch (free) | recompute (one extra no-grad forward)
 
 
 class FAMO(Balancer):

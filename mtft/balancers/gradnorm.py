@@ -35,13 +35,14 @@ import logging
 import math
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from mtft.balancers.base import Balancer, TaskLosses
-from mtft.distributed import all_reduce_sum
-from mtft.errors import MtftError
+from mtft.core.dist import all_reduce_sum
+from mtft.core.errors import MtftError
 
 log = logging.getLogger("mtft")
 
@@ -60,6 +61,17 @@ def last_block(names: Sequence[str]) -> list[str]:
     stack = found[-1][1]
     index = max(i for _, s, i in found if s == stack)
     return [n for n, s, i in found if s == stack and i == index]
+
+
+@dataclass
+class GradNormBalancerConfig:
+    """GradNorm (Chen et al., ICML 2018): learnable weights that equalize gradient norms by training rate."""
+
+    _target_: str = "mtft.balancers.gradnorm.GradNorm"
+    alpha: float = 1.5  # restoring-force strength
+    lr: float = 0.025  # learning rate of the weights' own optimizer
+    # Regex over parameter names selecting the shared parameters W; null = the last transformer block.
+    shared_params: str | None = None
 
 
 class GradNorm(Balancer):

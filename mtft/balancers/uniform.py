@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 
 from mtft.balancers.base import Balancer
-from mtft.errors import MtftError
+from mtft.core.errors import MtftError
+
+
+@dataclass
+class UniformBalancerConfig:
+    _target_: str = "mtft.balancers.uniform.Uniform"
+    # Optional static weights, task name -> weight; tasks not named get 1.0.
+    weights: dict[str, float] | None = None
 
 
 class Uniform(Balancer):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mtft.errors import MtftError
+from mtft.core.errors import MtftError
 
 Example = dict[str, str]
 

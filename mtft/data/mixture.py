@@ -19,11 +19,11 @@ from pathlib import Path
 
 from datasets import Dataset
 
-from mtft.cache import build_dir_once
-from mtft.config import DataConfig, TaskConfig, task_configs
+from mtft.core.cache import build_dir_once
+from mtft.core.errors import MtftError
 from mtft.data import codetasks
+from mtft.data.config import DataConfig, TaskConfig, task_configs
 from mtft.data.jsonl import Example, read_jsonl
-from mtft.errors import MtftError
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from mtft.errors import MtftError
+from mtft.core.errors import MtftError
 
 SAMPLING_RULES = ("proportional", "uniform", "temperature")
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-Row = dict[str, Any]
+from mtft.loggers.base import Row
+
 _ROW_KEYS = ("step", "split", "task")
 
 

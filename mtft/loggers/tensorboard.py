@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from mtft.config import TensorboardConfig
+from mtft.loggers.config import TensorboardConfig
 from mtft.loggers.context import RunContext
 from mtft.loggers.series import Row, series_by_step
 

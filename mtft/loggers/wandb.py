@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from mtft.config import WandbConfig
-from mtft.errors import MtftError
+from mtft.core.errors import MtftError
+from mtft.loggers.config import WandbConfig
 from mtft.loggers.context import RunContext
 from mtft.loggers.series import Row, series_by_step
 

@@ -1,0 +1,49 @@
+"""The run directory's contract, named once: the files a run writes and `mtft report` reads.
+
+.hydra/config.yaml    the composed config (Hydra)          metrics.jsonl   one row per task per logged step
+summary.json          a `Summary`, written when it ends    checkpoints/    step-XXXXXXXX/ (see engine.checkpoint)
+model/                the final model (or adapter)         train.log       the console log
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+HYDRA_DIR = ".hydra"
+CONFIG = f"{HYDRA_DIR}/config.yaml"
+HYDRA_CONFIG = f"{HYDRA_DIR}/hydra.yaml"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+CHECKPOINTS = "checkpoints"
+MODEL = "model"
+LAUNCH_CONFIG = "launch_config.yaml"  # the resolved config a multi-process job's workers read
+TRAIN_LOG = "train.log"
+
+
+def rank_metrics(rank: int) -> str:
+    """metrics.jsonl of a rank > 0 (`logger.all_ranks=true`)."""
+    return f"metrics.rank{rank}.jsonl"
+
+
+@dataclass
+class Summary:
+    """summary.json: what a finished run reached, per task, and what it cost."""
+
+    balancer: str
+    tasks: list[str]
+    steps: int
+    seed: int
+    initial_val_loss: dict[str, float]
+    final_val_loss: dict[str, float]
+    best_val_loss: dict[str, float]
+    train_tokens_per_s: float
+    wall_s: float
+    peak_rss_mb: float
+    skipped_steps: int = 0
+    stopped_early: bool = False
+
+    def write(self, run_dir: Path) -> None:
+        (run_dir / SUMMARY).write_text(json.dumps(dataclasses.asdict(self), indent=2, allow_nan=False) + "\n")

@@ -1,0 +1,422 @@
+"""The training loop: forward -> per-task losses -> balancer.combine -> backward/step -> balancer.observe.
+
+Kept to one readable loop; everything it needs (the backend holding model and optimizer, data,
+sampler, balancer, tracker) is built by the recipe in `mtft.recipe.finetune` and handed in. The same loop
+runs on one process, under DDP and under DeepSpeed: only the backend differs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import resource
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from mtft.balancers.base import Balancer, TaskLosses
+from mtft.core.dist import all_reduce_sum, rank, world_size
+from mtft.core.errors import Interrupted, MtftError
+from mtft.data.collator import TaskCollator
+from mtft.data.mixture import TokenizedMixture
+from mtft.data.sampler import MixtureSampler
+from mtft.engine.backend import Backend
+from mtft.engine.checkpoint import load_state, restore_rng_state, rng_state, save_checkpoint
+from mtft.engine.config import TrainerConfig
+from mtft.engine.evaluation import fixed_eval_rows, random_eval_rows, task_losses
+from mtft.engine.loss import per_task_token_loss
+from mtft.loggers.base import Row, Tracker
+
+log = logging.getLogger("mtft")
+
+
+@dataclass
+class TrainResult:
+    steps: int = 0  # optimizer steps taken (fewer than max_steps after early stopping)
+    val_history: dict[int, list[float]] = field(default_factory=dict)  # step -> loss per task
+    train_tokens: int = 0
+    train_seconds: float = 0.0
+    skipped_steps: int = 0  # updates skipped for a non-finite loss or gradient
+    stopped_early: bool = False
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.train_tokens / self.train_seconds if self.train_seconds else 0.0
+
+
+@dataclass
+class Progress:
+    """What the loop carries from step to step beyond the model: checkpointed with it."""
+
+    streak: int = 0  # consecutive non-finite steps
+    best_val: float = math.inf  # for early stopping
+    evals_without_improvement: int = 0
+
+
+@dataclass
+class StepStats:
+    """One optimizer step's per-task loss sums and token counts (over ranks and micro-batches)."""
+
+    sums: torch.Tensor
+    counts: torch.Tensor
+    loss: float = 0.0  # the combined (balanced) loss
+    tokens: int = 0  # non-padding tokens
+    bad_tasks: set[str] = field(default_factory=set)  # tasks whose loss was not finite
+    last_batch: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def present(self) -> torch.Tensor:
+        return self.counts > 0
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.sums / self.counts.clamp_min(1)
+
+
+class StopSignal:
+    """SIGTERM/SIGINT/SIGUSR2 handler: the first signal asks the loop to checkpoint and stop after the
+    current step; a second one stops at once (KeyboardInterrupt)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        log.warning(
+            "%s received: finishing step, saving a checkpoint, then stopping", signal.Signals(signum).name
+        )
+
+    def __enter__(self) -> StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            # SIGUSR2: what SLURM sends ahead of the time limit under submitit (`signal_delay_s`).
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):
+                self._previous[signum] = signal.signal(signum, self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: TrainerConfig,
+        backend: Backend,
+        data: TokenizedMixture,
+        collator: TaskCollator,
+        sampler: MixtureSampler,
+        balancer: Balancer,
+        tracker: Tracker,
+        run_dir: Path,
+        seed: int = 0,
+    ) -> None:
+        if cfg.max_steps < 1 or cfg.grad_accum < 1 or cfg.batch_size < 1 or cfg.eval_interval < 1:
+            raise MtftError("trainer.max_steps, batch_size, grad_accum and eval_interval must all be >= 1")
+        if cfg.save_interval is not None and cfg.save_interval < 1:
+            raise MtftError("trainer.save_interval must be >= 1 (or null: only at the end)")
+        if cfg.keep_checkpoints < 1:
+            raise MtftError("trainer.keep_checkpoints must be >= 1")
+        self.cfg, self.backend, self.data, self.collator = cfg, backend, data, collator
+        self.sampler, self.balancer, self.tracker, self.seed = sampler, balancer, tracker, seed
+        # `model` is what training calls (DDP/DeepSpeed wrapper); `module` the model itself.
+        self.model, self.module, self.device = backend.model, backend.module, backend.device
+        self.run_dir = run_dir
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.tasks = data.tasks
+        self.autocast = backend.autocast
+        self.eval_rows = fixed_eval_rows(data, cfg.eval_batches * cfg.eval_batch_size)
+
+    def _val_losses(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        return task_losses(
+            self.module, self.data, rows, self.collator, self.cfg.eval_batch_size, self.device, self.autocast
+        )
+
+    def evaluate(self, step: int, result: TrainResult) -> torch.Tensor:
+        losses, _ = self._val_losses(self.eval_rows)
+        values = losses.tolist()
+        result.val_history[step] = values
+        rows: list[Row] = [
+            {"step": step, "split": "val", "task": t, "loss": _finite_or_none(v)}
+            for t, v in zip(self.tasks, values, strict=True)
+        ]
+        rows.append(
+            {"step": step, "split": "val", "task": "all", "loss": _finite_or_none(sum(values) / len(values))}
+        )
+        self.tracker.log(rows)
+        return losses
+
+    def _forward(self, batch: dict[str, torch.Tensor]) -> tuple[TaskLosses, torch.Tensor, torch.Tensor]:
+        """Per-task losses of one micro-batch, reduced over ranks so every rank sees the same values."""
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        with self.autocast():
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        sums, counts = per_task_token_loss(logits, batch["labels"], batch["task_ids"], len(self.tasks))
+        global_sums, global_counts = all_reduce_sum(sums), all_reduce_sum(counts)
+        denom = global_counts.clamp_min(1)
+        losses = TaskLosses(local=sums / denom, mean=global_sums / denom, present=global_counts > 0)
+        return losses, global_sums, global_counts
+
+    def fit(self, resume_from: Path | None = None) -> TrainResult:
+        """Train to `max_steps` (or early stop), from scratch or from the checkpoint `resume_from`."""
+        cfg, backend, balancer = self.cfg, self.backend, self.balancer
+        result, progress = TrainResult(), Progress()
+        probe_rng = torch.Generator().manual_seed(self.seed)
+        balancer.setup(self.module)
+        # Made before any RNG state is restored (making it draws from torch's RNG); the sampler's
+        # position is read at the first batch, so a restored sampler still applies.
+        batches = iter(DataLoader(self.data.train, batch_sampler=self.sampler, collate_fn=self.collator))
+        if resume_from is None:
+            first_step = 1
+            # Rows of an earlier attempt that died before its first checkpoint are replayed exactly.
+            if rank() == 0:
+                self.metrics_path.unlink(missing_ok=True)
+            initial = self.evaluate(0, result)
+            balancer.observe_val(0, initial, torch.ones_like(initial, dtype=torch.bool))
+            self._early_stopping(initial, result, progress)
+        else:
+            first_step = self._restore(resume_from, result, progress, probe_rng)
+        self.model.train()
+
+        with StopSignal() as stop:
+            for step in range(first_step, cfg.max_steps + 1):
+                t0 = time.perf_counter()
+                weights = balancer.weights()
+                stats = self._accumulate(batches)
+                applied, grad_norm = backend.step(skip=bool(stats.bad_tasks) or not math.isfinite(stats.loss))
+                if applied:
+                    progress.streak = 0
+                    self._observe(step, stats, probe_rng)
+                else:
+                    self._skip(step, stats.bad_tasks, result, progress)
+                elapsed = time.perf_counter() - t0
+                result.train_tokens += stats.tokens
+                result.train_seconds += elapsed
+                result.steps = step
+
+                last = step == cfg.max_steps
+                if step % cfg.log_interval == 0 or last or not applied:
+                    rows = self._train_rows(
+                        step, stats, weights, elapsed, grad_norm, backend.lr(), not applied
+                    )
+                    self.tracker.log(rows)
+                self._check_streak(step, stats.bad_tasks, progress)
+                if step % cfg.eval_interval == 0 or last:
+                    self._early_stopping(self.evaluate(step, result), result, progress)
+                    last = last or result.stopped_early
+                stopping = _any_rank(stop.signum is not None)  # every rank stops at the same step
+                if last or (cfg.save_interval and step % cfg.save_interval == 0) or stopping:
+                    path = self._save(step, result, progress, probe_rng)
+                    if stopping and not last:
+                        raise Interrupted(step, str(path))
+                if result.stopped_early:
+                    break
+        return result
+
+    def _accumulate(self, batches: Iterator[dict[str, torch.Tensor]]) -> StepStats:
+        """Forward and backward over `grad_accum` micro-batches. After a non-finite task loss the
+        update will be skipped, and the balancer never sees a NaN."""
+        T = len(self.tasks)
+        stats = StepStats(torch.zeros(T, device=self.device), torch.zeros(T, device=self.device))
+        for micro in range(self.cfg.grad_accum):
+            stats.last_batch = next(batches)
+            with self.backend.accumulating(last=micro == self.cfg.grad_accum - 1):
+                losses, sums, counts = self._forward(stats.last_batch)
+                stats.sums += sums
+                stats.counts += counts
+                stats.tokens += int(all_reduce_sum(stats.last_batch["attention_mask"].sum()).item())
+                values, present = losses.mean.tolist(), losses.present.tolist()
+                stats.bad_tasks |= {
+                    t
+                    for t, v, p in zip(self.tasks, values, present, strict=True)
+                    if p and not math.isfinite(v)
+                }
+                if stats.bad_tasks:
+                    # The balancer never sees it; the plain sum keeps every engine's bookkeeping in
+                    # step and makes the gradient non-finite, so the update is skipped everywhere.
+                    loss = losses.local.sum()
+                else:
+                    loss = self.balancer.combine(losses)
+                    # The job's combined loss, not this rank's share of it.
+                    stats.loss += all_reduce_sum(loss).item() / self.cfg.grad_accum
+                self.backend.backward(loss * world_size() / self.cfg.grad_accum)
+        return stats
+
+    def _observe(self, step: int, stats: StepStats, probe_rng: torch.Generator) -> None:
+        """Show the balancer the step that was just taken (and, if it asks, fresh validation losses)."""
+        balancer = self.balancer
+        if balancer.recompute_after_step:
+            observed, _, _ = self._forward_no_grad(stats.last_batch)
+        else:
+            observed = TaskLosses(local=stats.mean, mean=stats.mean, present=stats.present)
+        balancer.observe_step(step, observed)
+        if balancer.val_interval and step % balancer.val_interval == 0:
+            # A probe batch is one training micro-batch (`batch_size` rows per rank), as in the CoBa
+            # reference (MFTCoder's eval batch = train batch), not `eval_batch_size`: the probe runs
+            # every step. The ranks draw the same global rows and each evaluates its own share.
+            n = balancer.val_batches * self.cfg.batch_size * world_size()
+            rows = random_eval_rows(self.data, n, probe_rng)[rank() :: world_size()]
+            balancer.observe_val(
+                step,
+                *task_losses(
+                    self.module,
+                    self.data,
+                    rows,
+                    self.collator,
+                    self.cfg.batch_size,
+                    self.device,
+                    self.autocast,
+                ),
+            )
+
+    def _skip(self, step: int, bad_tasks: set[str], result: TrainResult, progress: Progress) -> None:
+        """A non-finite loss or gradient: no update this step (the caller logs the step's rows)."""
+        result.skipped_steps += 1
+        progress.streak += 1
+        log.warning(
+            "step %d: non-finite %s; update skipped (%d in a row)", step, _what(bad_tasks), progress.streak
+        )
+
+    def _check_streak(self, step: int, bad_tasks: set[str], progress: Progress) -> None:
+        """Too many non-finite steps in a row stop the run with a message naming the step and tasks."""
+        if progress.streak > self.cfg.max_nonfinite_steps:
+            raise MtftError(
+                f"non-finite {_what(bad_tasks)} at step {step}, {progress.streak} steps in a row "
+                f"(trainer.max_nonfinite_steps={self.cfg.max_nonfinite_steps}); lower trainer.lr or check the data"
+            )
+
+    def _early_stopping(self, val: torch.Tensor, result: TrainResult, progress: Progress) -> None:
+        mean = float(val.mean())
+        if mean < progress.best_val - self.cfg.early_stopping_min_delta:
+            progress.best_val, progress.evals_without_improvement = mean, 0
+            return
+        progress.evals_without_improvement += 1
+        patience = self.cfg.early_stopping_patience
+        if patience is not None and progress.evals_without_improvement >= patience:
+            log.info(
+                "early stopping: mean validation loss has not improved on %.4f for %d evaluations",
+                progress.best_val,
+                patience,
+            )
+            result.stopped_early = True
+
+    def _save(self, step: int, result: TrainResult, progress: Progress, probe_rng: torch.Generator) -> Path:
+        """Everything the loop needs to continue after `step` as if it had never stopped."""
+        state = {
+            "step": step,
+            "backend": self.backend.state_dict(),
+            "balancer": self.balancer.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "metrics_offset": self.metrics_path.stat().st_size if self.metrics_path.exists() else 0,
+            "result": asdict(result),
+            "progress": asdict(progress),
+        }
+        history = result.val_history
+        val_mean = sum(history[max(history)]) / len(self.tasks) if history else None
+        path = save_checkpoint(
+            self.run_dir / "checkpoints",
+            step,
+            state,
+            rng_state(probe_rng),
+            val_mean,
+            self.cfg.keep_checkpoints,
+            self.backend.save_engine,
+        )
+        log.info("step %d: checkpoint saved to %s", step, path)
+        return path
+
+    def _restore(
+        self, path: Path, result: TrainResult, progress: Progress, probe_rng: torch.Generator
+    ) -> int:
+        """Load a checkpoint; returns the first step still to run. metrics.jsonl is cut back to it."""
+        state, rng = load_state(path)
+        self.backend.load_engine(path)
+        self.backend.load_state_dict(state["backend"])
+        self.balancer.load_state_dict(state["balancer"])
+        self.sampler.load_state_dict(state["sampler"])
+        restore_rng_state(rng, probe_rng)
+        for key, value in state["result"].items():
+            setattr(result, key, value)
+        for key, value in state["progress"].items():
+            setattr(progress, key, value)
+        if rank() == 0:
+            with self.metrics_path.open("r+b") as fh:  # rows written after the checkpoint are replayed
+                fh.truncate(state["metrics_offset"])
+        log.info("resumed from %s at step %d", path, state["step"])
+        return state["step"] + 1
+
+    @torch.no_grad()
+    def _forward_no_grad(
+        self, batch: dict[str, torch.Tensor]
+    ) -> tuple[TaskLosses, torch.Tensor, torch.Tensor]:
+        return self._forward(batch)
+
+    def _train_rows(
+        self,
+        step: int,
+        stats: StepStats,
+        weights: torch.Tensor,
+        elapsed: float,
+        grad_norm: float,
+        lr: float,
+        skipped: bool,
+    ) -> list[Row]:
+        """Per task: its loss in this step's batch (null if absent) and the weight applied; then the mixture."""
+        rows: list[Row] = [
+            {
+                "step": step,
+                "split": "train",
+                "task": task,
+                "loss": _finite_or_none(value) if has else None,
+                "weight": w,
+            }
+            for task, value, has, w in zip(
+                self.tasks, stats.mean.tolist(), stats.present.tolist(), weights.tolist(), strict=True
+            )
+        ]
+        summary: Row = {
+            "step": step,
+            "split": "train",
+            "task": "all",
+            "loss": None if skipped else _finite_or_none(stats.loss),
+            "lr": lr,
+            "tokens": stats.tokens,
+            "tokens_per_s": stats.tokens / elapsed if elapsed else 0.0,
+        }
+        if math.isfinite(grad_norm):
+            summary["grad_norm"] = grad_norm
+        if skipped:
+            summary["skipped"] = True
+        summary.update(self.balancer.diagnostics())
+        rows.append(summary)
+        return rows
+
+
+def _any_rank(flag: bool) -> bool:
+    """True on every rank if it is true on any (one small all-reduce; free in one process)."""
+    if world_size() == 1:
+        return flag
+    return bool(all_reduce_sum(torch.tensor([float(flag)])).item() > 0)
+
+
+def _finite_or_none(x: float) -> float | None:
+    """metrics.jsonl is strict JSON: a non-finite value is written as null."""
+    return x if math.isfinite(x) else None
+
+
+def _what(bad_tasks: set[str]) -> str:
+    return f"loss of task(s) {', '.join(sorted(bad_tasks))}" if bad_tasks else "gradient"

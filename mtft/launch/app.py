@@ -1,0 +1,60 @@
+"""`mtft train`: the Hydra application. Heavy imports wait until a run really starts,
+so `--help`, `--cfg job` and config errors answer in about a second."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from mtft.core.errors import Interrupted, MtftError
+from mtft.recipe.config import TrainConfig, conf_dir, register_configs
+
+log = logging.getLogger("mtft")
+
+register_configs()
+
+
+@hydra.main(config_path=str(conf_dir()), config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    balancer_name = hydra_cfg.runtime.choices.get("balancer", "custom")
+    try:
+        typed: TrainConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+        dist = typed.distributed
+        if _is_slurm_rank():  # a task of a multi-task SLURM job (submitit launcher): join the others
+            from mtft.launch.process_group import init_process_group
+
+            init_process_group(dist.backend, dist.timeout_min)
+        if "RANK" not in os.environ and (dist.nproc_per_node > 1 or dist.nnodes > 1):
+            from mtft.launch.workers import launch_workers
+
+            launch_workers(typed, OmegaConf.to_yaml(cfg, resolve=True), run_dir, balancer_name)
+        else:
+            from mtft.recipe.finetune import train
+
+            train(typed, run_dir, balancer_name)
+    except MtftError as e:
+        log.error("error: %s", e)
+        sys.exit(2)
+    except Interrupted as e:
+        log.warning(
+            "%s. Continue with the same command plus: trainer.resume=auto hydra.run.dir=%s",
+            e,
+            hydra_cfg.runtime.output_dir,
+        )
+        sys.exit(Interrupted.exit_code)
+
+
+def _is_slurm_rank() -> bool:
+    if "SLURM_PROCID" not in os.environ:
+        return False
+    from mtft.launch.process_group import export_slurm_env
+
+    return export_slurm_env()

@@ -1,0 +1,55 @@
+"""One rank of a job started by `mtft train distributed.nproc_per_node=N` (see mtft.launch.workers).
+
+python -m mtft.launch.worker RUN_DIR/launch_config.yaml RUN_DIR BALANCER_NAME
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+from mtft.core.errors import Interrupted, MtftError
+
+log = logging.getLogger("mtft")
+
+
+def _setup_logging(run_dir: Path, rank: int) -> None:
+    """Rank 0 logs like the Hydra job does (console and <run dir>/train.log); other ranks only warn."""
+    from mtft.loggers.console import console_handler
+
+    root = logging.getLogger()
+    root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    root.addHandler(console_handler())
+    if rank == 0:
+        file = logging.FileHandler(run_dir / "train.log")
+        file.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+        root.addHandler(file)
+
+
+def main(argv: list[str]) -> int:
+    config_path, run_dir, balancer_name = Path(argv[0]), Path(argv[1]), argv[2]
+    from mtft.core.dist import rank
+    from mtft.launch.process_group import init_process_group
+
+    init_process_group(
+        os.environ.get("MTFT_DIST_BACKEND", "auto"), int(os.environ.get("MTFT_DIST_TIMEOUT_MIN", "30"))
+    )
+    _setup_logging(run_dir, rank())
+    from mtft.launch.workers import load_launch_config
+    from mtft.recipe.finetune import train
+
+    try:
+        train(load_launch_config(config_path), run_dir, balancer_name)
+    except MtftError as e:
+        log.error("error: %s", e)
+        return 2
+    except Interrupted as e:
+        log.warning("%s", e)
+        return Interrupted.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,91 @@
+"""Starting the processes of one multi-process job.
+
+`mtft train distributed.nproc_per_node=N` (also each job of a `-m` sweep) runs the Hydra job in one
+parent process, which writes the resolved config into the run dir and starts N workers with
+torchrun's elastic agent (`torch.distributed.launcher`); each worker (`python -m mtft.launch.worker`)
+trains as one rank.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import uuid
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from mtft.core.errors import Interrupted, MtftError
+from mtft.core.rundir import CHECKPOINTS, LAUNCH_CONFIG
+from mtft.recipe.config import TrainConfig
+
+log = logging.getLogger("mtft")
+
+
+def launch_workers(cfg: TrainConfig, resolved_yaml: str, run_dir: Path, balancer_name: str) -> None:
+    """Run the job as `nproc_per_node` x `nnodes` worker processes and wait for them.
+
+    A worker's MtftError (exit 2) or resumable stop (exit 75) becomes the parent's, so `mtft train`
+    exits the same way whether it ran one process or many.
+    """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    from mtft.engine.checkpoint import checkpoint_dirs
+
+    dist = cfg.distributed
+    if dist.nnodes > 1 and not dist.rdzv_endpoint:
+        raise MtftError(
+            "distributed.nnodes > 1 needs distributed.rdzv_endpoint=HOST:PORT (the same on every node)"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_path = run_dir / LAUNCH_CONFIG
+    config_path.write_text(resolved_yaml)
+    launch = LaunchConfig(
+        min_nodes=dist.nnodes,
+        max_nodes=dist.nnodes,
+        nproc_per_node=dist.nproc_per_node,
+        # One node: a private rendezvous on a free local port, as `torchrun --standalone` does.
+        run_id=str(uuid.uuid4()) if dist.nnodes == 1 else f"mtft-{run_dir.name}",
+        rdzv_backend="c10d",
+        rdzv_endpoint=dist.rdzv_endpoint or "localhost:0",
+        max_restarts=0,
+        monitor_interval=1,
+    )
+    if dist.backend not in ("auto", "nccl", "gloo"):
+        raise MtftError(f"distributed.backend must be auto, nccl or gloo, got '{dist.backend}'")
+    os.environ["MTFT_DIST_BACKEND"] = dist.backend
+    os.environ["MTFT_DIST_TIMEOUT_MIN"] = str(dist.timeout_min)
+    log.info(
+        "starting %d worker process(es) per node on %d node(s); run dir %s",
+        dist.nproc_per_node,
+        dist.nnodes,
+        run_dir,
+    )
+    try:
+        elastic_launch(launch, sys.executable)(
+            "-m", "mtft.launch.worker", str(config_path), str(run_dir), balancer_name
+        )
+    except SignalException as e:
+        # SIGTERM/SIGINT to this parent: the agent passed it on to the workers and waited while
+        # they saved a checkpoint and stopped.
+        saved = checkpoint_dirs(run_dir / CHECKPOINTS)
+        if not saved:
+            raise MtftError(f"stopped by {e.sigval.name} before the first checkpoint") from None
+        raise Interrupted(int(saved[-1].name.removeprefix("step-")), str(saved[-1])) from None
+    except ChildFailedError as e:
+        codes = {f.exitcode for f in e.failures.values()}
+        saved = checkpoint_dirs(run_dir / CHECKPOINTS)
+        if codes == {Interrupted.exit_code} and saved:
+            raise Interrupted(int(saved[-1].name.removeprefix("step-")), str(saved[-1])) from None
+        raise MtftError(
+            f"worker process(es) failed with exit code(s) {sorted(codes)}; see their messages above"
+        ) from None
+
+
+def load_launch_config(path: Path) -> TrainConfig:
+    """The resolved config a parent wrote, checked against the schema again."""
+    merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(path))
+    return OmegaConf.to_object(merged)  # type: ignore[return-value]

@@ -1,0 +1,1 @@
+"""Models: loading (Hub, local, the embedded tiny one), LoRA/QLoRA adapters, export."""

@@ -1,0 +1,238 @@
+"""Preparing a loaded model for training: LoRA/QLoRA adapters (peft) and gradient checkpointing.
+
+The recipe calls `apply_peft` right after `load_model`; with `peft=none` only gradient checkpointing
+(if asked for) is applied. QLoRA needs the base model quantized while it loads, so `load_model` asks
+`quantization_config` for the bitsandbytes settings, and `check_adapter_support` stops a run that
+cannot work here (no CUDA, no bitsandbytes) before any data or model is touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import ValidationError
+from transformers import PreTrainedModel
+
+from mtft.core.errors import MtftError
+from mtft.engine.config import TrainerConfig
+from mtft.models.config import LoraAdapterConfig, QLoraAdapterConfig
+
+log = logging.getLogger("mtft")
+
+_ATTENTION_MLP = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+# Every attention and MLP projection, per `config.model_type`: adapting all of them is what QLoRA
+# (Dettmers et al., 2023) found necessary to match full finetuning; PEFT's own default is q/v only.
+TARGET_MODULES: dict[str, list[str]] = {
+    "llama": _ATTENTION_MLP,
+    "mistral": _ATTENTION_MLP,
+    "mixtral": ["q_proj", "k_proj", "v_proj", "o_proj"],  # experts are not nn.Linear in every version
+    "qwen2": _ATTENTION_MLP,
+    "qwen3": _ATTENTION_MLP,
+    "gemma": _ATTENTION_MLP,
+    "gemma2": _ATTENTION_MLP,
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+}
+ALL_LINEAR = "all-linear"  # PEFT: every linear layer except the output head
+
+BIASES = ("none", "all", "lora_only")
+COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def adapter_config(node: Any) -> LoraAdapterConfig | None:
+    """The `peft` config as a checked dataclass (None: full finetuning), whatever form it arrives in."""
+    if node is None or isinstance(node, LoraAdapterConfig):
+        return node
+    method = OmegaConf.select(OmegaConf.create(node), "method", default="lora")
+    schema = {"lora": LoraAdapterConfig, "qlora": QLoraAdapterConfig}.get(method)
+    if schema is None:
+        raise MtftError(f"peft.method must be lora or qlora, got '{method}'")
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node))  # type: ignore[return-value]
+    except (ValidationError, KeyError) as e:
+        raise MtftError(f"peft: {str(e).splitlines()[0]}") from None
+
+
+def is_qlora(cfg: LoraAdapterConfig | None) -> bool:
+    return cfg is not None and cfg.method == "qlora"
+
+
+def check_adapter_support(node: Any) -> None:
+    """Stop at once when the chosen PEFT method cannot run on this machine, saying what would."""
+    cfg = adapter_config(node)
+    if cfg is None:
+        return
+    _validate(cfg)
+    if not is_qlora(cfg):
+        return
+    if not torch.cuda.is_available():
+        raise MtftError(
+            "peft=qlora needs a CUDA GPU: bitsandbytes' 4-bit (NF4) quantization runs on CUDA, and "
+            "no GPU is visible here (torch.cuda.is_available() is False). Use peft=lora to train "
+            "LoRA adapters on the unquantized model instead."
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise MtftError(
+            "peft=qlora needs bitsandbytes, which is not installed: pip install bitsandbytes "
+            "(or use peft=lora, which needs no quantization)"
+        )
+
+
+def _validate(cfg: LoraAdapterConfig) -> None:
+    if cfg.method not in ("lora", "qlora"):
+        raise MtftError(f"peft.method must be lora or qlora, got '{cfg.method}'")
+    if cfg.r < 1:
+        raise MtftError(f"peft.r must be >= 1, got {cfg.r}")
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise MtftError(f"peft.dropout must be in [0, 1), got {cfg.dropout}")
+    if cfg.bias not in BIASES:
+        raise MtftError(f"peft.bias must be one of {list(BIASES)}, got '{cfg.bias}'")
+    targets = cfg.target_modules
+    if targets is not None and not (
+        (isinstance(targets, str) and targets)
+        or (isinstance(targets, (list, tuple)) and targets and all(isinstance(t, str) for t in targets))
+    ):
+        raise MtftError(
+            f"peft.target_modules must be null, '{ALL_LINEAR}', or a non-empty list of module names; "
+            f"got {targets!r}"
+        )
+    if is_qlora(cfg):
+        quant_type = getattr(cfg, "quant_type", "nf4")
+        compute = getattr(cfg, "compute_dtype", "bfloat16")
+        if quant_type not in ("nf4", "fp4"):
+            raise MtftError(f"peft.quant_type must be nf4 or fp4, got '{quant_type}'")
+        if compute not in COMPUTE_DTYPES:
+            raise MtftError(f"peft.compute_dtype must be one of {list(COMPUTE_DTYPES)}, got '{compute}'")
+
+
+def quantization_config(node: Any) -> Any | None:
+    """bitsandbytes settings for loading the base model (QLoRA), or None when it loads unquantized."""
+    cfg = adapter_config(node)
+    if not is_qlora(cfg):
+        return None
+    check_adapter_support(cfg)
+    from transformers import BitsAndBytesConfig
+
+    compute = COMPUTE_DTYPES[getattr(cfg, "compute_dtype", "bfloat16")]
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=getattr(cfg, "quant_type", "nf4"),
+        bnb_4bit_use_double_quant=getattr(cfg, "double_quant", True),
+        bnb_4bit_compute_dtype=compute,
+        # Packed 4-bit weights stored as the compute dtype (same bytes) can be flattened and sharded
+        # together with the other parameters, which ZeRO-3 and FSDP need.
+        bnb_4bit_quant_storage=compute,
+    )
+
+
+def default_target_modules(model: PreTrainedModel) -> list[str] | str:
+    """The modules LoRA adapts when `peft.target_modules` is null, chosen by the architecture."""
+    return TARGET_MODULES.get(getattr(model.config, "model_type", ""), ALL_LINEAR)
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters; 4-bit weights count as the parameters they stand for."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        return model.get_nb_trainable_parameters()
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
+    """Non-reentrant checkpointing: it needs no input that requires grad (frozen embeddings under
+    LoRA are fine) and allows `autograd.grad` (GradNorm); the KV cache is useless in training."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise MtftError(
+            f"trainer.gradient_checkpointing=true, but {type(model).__name__} does not support "
+            "gradient checkpointing"
+        )
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 (the old name warns)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.config.use_cache = False
+    log.info("gradient checkpointing: on (non-reentrant); activations are recomputed in the backward pass")
+
+
+def apply_peft(model: PreTrainedModel, node: Any, trainer: TrainerConfig) -> torch.nn.Module:
+    """Make `model` ready to train: gradient checkpointing if asked, then LoRA adapters if configured.
+
+    With LoRA only the adapters (and `modules_to_save`) require grad, so the optimizer sees nothing
+    else; the returned PeftModel saves just the adapter with `save_pretrained`.
+    """
+    cfg = adapter_config(node)
+    if cfg is None:
+        if trainer.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        _log_parameters(model, "full finetuning")
+        return model
+
+    check_adapter_support(cfg)
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if is_qlora(cfg):
+        # Freezes the 4-bit base and casts the remaining half-precision weights (norms, embeddings)
+        # to fp32 for stable training. Non-reentrant checkpointing needs none of its input-grad hooks.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if trainer.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+
+    targets = cfg.target_modules
+    if targets is None:
+        targets = default_target_modules(model)
+    elif not isinstance(targets, str):
+        targets = list(targets)
+    extra = {}
+    if cfg.modules_to_save and "ensure_weight_tying" in LoraConfig.__dataclass_fields__:
+        # A model with tied input/output embeddings keeps them tied when one is trained in full.
+        extra["ensure_weight_tying"] = bool(getattr(model.config, "tie_word_embeddings", False))
+    lora = LoraConfig(
+        **extra,
+        task_type="CAUSAL_LM",
+        # GPT-2 style Conv1D layers store their weight transposed; peft must know (it warns otherwise).
+        fan_in_fan_out=any(type(m).__name__ == "Conv1D" for m in model.modules()),
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=targets,
+        bias=cfg.bias,
+        modules_to_save=list(cfg.modules_to_save) if cfg.modules_to_save else None,
+    )
+    try:
+        with quiet_peft():
+            model = get_peft_model(model, lora)
+    except ValueError as e:
+        raise MtftError(f"peft: {str(e).splitlines()[0]} (peft.target_modules={targets!r})") from None
+    log.info("%s: r=%d, alpha=%d, target modules %s", cfg.method, cfg.r, cfg.alpha, targets)
+    _log_parameters(model, cfg.method)
+    return model
+
+
+@contextlib.contextmanager
+def quiet_peft() -> Iterator[None]:
+    """peft probes the old `is_gradient_checkpointing` name, which transformers 5 flags as deprecated:
+    a warning users can do nothing about."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        yield
+
+
+def _log_parameters(model: torch.nn.Module, what: str) -> None:
+    trainable, total = count_parameters(model)
+    log.info(
+        "%s: %s trainable of %s parameters (%.2f%%)",
+        what,
+        f"{trainable:,}",
+        f"{total:,}",
+        100.0 * trainable / max(total, 1),
+    )

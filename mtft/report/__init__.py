@@ -1,0 +1,1 @@
+"""`mtft report`: read run dirs, aggregate per balancer over seeds, present a table and plots."""

@@ -1,0 +1,108 @@
+"""Presenting a report: the Markdown table, its legend, and report.md with the plots beside it."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from mtft.report.aggregate import Report
+
+
+def _pct(value: float) -> str:
+    return "–" if not math.isfinite(value) else f"{value * 100:+.1f}%"
+
+
+def markdown_table(report: Report) -> str:
+    """One row per balancer: the verdict columns first, then each task's final and best loss."""
+    base = next((r for r in report.results if r.name == report.baseline), None)
+    header = [
+        "balancer",
+        "runs",
+        "mean final",
+        f"Δ vs {report.baseline}",
+        "mean best",
+        f"Δ best vs {report.baseline}",
+        "spread final/initial",
+        "tasks rose",
+        "steps/s",
+        f"overhead vs {report.baseline}",
+    ]
+    for task in report.tasks:
+        header += [f"{task} final", f"{task} best"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    for res in report.results:
+        if base is not None:
+            rel_final = res.mean_final.mean / base.mean_final.mean - 1
+            rel_best = res.mean_best.mean / base.mean_best.mean - 1
+            overhead = base.steps_per_s.mean / res.steps_per_s.mean - 1
+        else:
+            rel_final = rel_best = overhead = math.nan
+        cells = [
+            res.name,
+            str(len(res.runs)),
+            res.mean_final.fmt(),
+            _pct(rel_final),
+            res.mean_best.fmt(),
+            _pct(rel_best),
+            res.spread.fmt(),
+            res.rose.fmt(1),
+            res.steps_per_s.fmt(2),
+            _pct(overhead),
+        ]
+        for task in report.tasks:
+            cells += [res.final[task].fmt(), res.best[task].fmt()]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def legend(report: Report) -> str:
+    return (
+        "Validation losses are mean ± std over the runs (seeds) of each balancer; *final* is the last "
+        "evaluation, *best* the lowest, *mean* their average over tasks. "
+        f"*Δ vs {report.baseline}*: relative change of the mean final (and best) loss (negative = better). "
+        "*spread final/initial*: max − min across tasks of the final validation loss divided by the "
+        "step-0 one (small = tasks converged evenly). "
+        f"*tasks rose*: tasks whose final loss is more than {report.tolerance:.0%} above their best "
+        "(started to overfit). *steps/s*: optimizer steps per second of training time (evaluations "
+        f"excluded); *overhead*: extra time per step vs {report.baseline}."
+    )
+
+
+def write_report(report: Report, out_dir: Path, table: str) -> list[Path]:
+    """report.md and the PNG plots into `out_dir`; returns the files written."""
+    from mtft.report.plots import plot_val_curves, plot_weights
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    val_png = plot_val_curves(report, out_dir / "val_curves.png")
+    weights_png = plot_weights(report, out_dir / "weights.png")
+    runs = [
+        f"| {res.name} | {run.seed if run.seed is not None else '?'} | {run.steps} | {run.path} |"
+        for res in report.results
+        for run in res.runs
+    ]
+    parts = [
+        "# mtft report",
+        "",
+        table,
+        "",
+        legend(report),
+        "",
+        "## Validation loss per task",
+        "",
+        f"![validation curves]({val_png.name})",
+        "",
+        "## Task weights over time (normalized to sum 1 per step)",
+        "",
+        f"![task weights]({weights_png.name})",
+        "",
+        "## Runs",
+        "",
+        "| balancer | seed | steps | run dir |",
+        "|---|---:|---:|---|",
+        *runs,
+    ]
+    if report.warnings:
+        parts += ["", "## Warnings", "", *(f"- {w}" for w in report.warnings)]
+    md = out_dir / "report.md"
+    md.write_text("\n".join(parts) + "\n", encoding="utf-8")
+    return [md, val_png, weights_png]
