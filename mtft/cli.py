@@ -55,15 +55,16 @@ def _train(args: list[str]) -> int:
 
 
 def config_error_message(error: BaseException) -> str:
-    """One line from Hydra's or OmegaConf's multi-line message: the innermost cause and its key."""
+    """Hydra's or OmegaConf's multi-line message as one line: the innermost cause, prefixed by its key."""
     while error.__cause__ is not None:
         error = error.__cause__
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    message = next(
-        (line for line in lines if not line.startswith(("full_key:", "object_type", "reference_type"))), ""
-    )
+    meta = ("full_key:", "object_type=", "reference_type=")
+    lines = [
+        line.strip() for line in str(error).splitlines() if line.strip() and not line.strip().startswith(meta)
+    ]
+    message = " ".join(lines) or type(error).__name__
     key = getattr(error, "full_key", None)
-    return f"{key}: {message}" if key and key not in message else message or type(error).__name__
+    return f"{key}: {message}" if key and key not in message else message
 
 
 def main(argv: list[str] | None = None) -> int:
