@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from mtft import __version__
@@ -34,6 +35,38 @@ def _usage() -> str:
     return USAGE.format(commands="\n".join(f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()))
 
 
+def _train(args: list[str]) -> int:
+    """Run the Hydra app. A config Hydra cannot compose (unknown key, bad override or value) is a
+    user error like any other: one `error:` line and exit code 2, not Hydra's exit 1."""
+    from mtft.launch import app
+    from mtft.launch.process_group import join_launched_job
+
+    sys.argv = [f"{sys.argv[0]} train", *join_launched_job(args)]  # Hydra parses sys.argv
+    user_wants_trace = "HYDRA_FULL_ERROR" in os.environ
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra raises instead of printing and exiting 1
+    try:
+        app.main()
+    except Exception as e:
+        if app.task_started or user_wants_trace:
+            raise
+        print(f"error: {config_error_message(e)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def config_error_message(error: BaseException) -> str:
+    """Hydra's or OmegaConf's multi-line message as one line: the innermost cause, prefixed by its key."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    meta = ("full_key:", "object_type=", "reference_type=")
+    lines = [
+        line.strip() for line in str(error).splitlines() if line.strip() and not line.strip().startswith(meta)
+    ]
+    message = " ".join(lines) or type(error).__name__
+    key = getattr(error, "full_key", None)
+    return f"{key}: {message}" if key and key not in message else message
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     # The `deepspeed` launcher passes --local_rank=N (also in $LOCAL_RANK), which Hydra would reject.
@@ -46,12 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = args[0], args[1:]
     if command == "train":
-        from mtft.launch.app import main as train_main
-        from mtft.launch.process_group import join_launched_job
-
-        sys.argv = [f"{sys.argv[0]} train", *join_launched_job(rest)]  # Hydra parses sys.argv
-        train_main()
-        return 0
+        return _train(rest)
     if command == "report":
         from mtft.report.cli import main as report_main
 

@@ -52,7 +52,7 @@ def test_balancer_run_logs_every_tasks_weight(run_mtft, tmp_path, balancer, extr
     [
         (["balancer=coba", "balancer.history_length=1"], "balancer.history_length must be an integer >= 2"),
         (["balancer=coba", "balancer.tau=0"], "balancer.tau must be a finite number > 0"),
-        (["balancer=famo", "balancer.post_step_loss=later"], "balancer.post_step_loss must be one of"),
+        (["balancer=famo", "balancer.post_step_loss=later"], "expected one of [next_batch, recompute]"),
         (
             ["balancer=gradnorm", "balancer.shared_params=no_such_layer"],
             "'no_such_layer' matches no trainable",

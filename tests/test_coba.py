@@ -340,6 +340,7 @@ def test_balancer_group_defaults_are_the_reference_ones(run_mtft):
     bal = OmegaConf.create(proc.stdout).balancer
     assert dict(bal) == {
         "_target_": "mtft.balancers.coba.CoBa",
+        "name": "coba",
         "warmup_steps": 100,
         "history_length": 200,
         "tau": 5.0,

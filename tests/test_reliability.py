@@ -130,18 +130,25 @@ def test_skipped_update_leaves_weights_untouched(tokenizer, tmp_path):
 
 def test_early_stopping_on_mean_validation_loss(tokenizer, tmp_path):
     trainer, _ = make_trainer(
-        tokenizer, tmp_path, nan_calls=set(), max_steps=20, eval_interval=2, lr=0.0, early_stopping_patience=2
+        tokenizer,
+        tmp_path,
+        nan_calls=set(),
+        max_steps=20,
+        eval_interval=2,
+        lr=1e-12,
+        early_stopping_patience=2,
+        early_stopping_min_delta=1e-4,
     )
     result = trainer.fit()
-    assert result.stopped_early and result.steps == 4  # lr=0: no evaluation after step 0 improves
+    assert result.stopped_early and result.steps == 4  # lr ~ 0: no evaluation after step 0 improves
 
 
 def test_bf16_where_unsupported_is_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     with pytest.raises(MtftError, match="does not support bfloat16"):
         autocast_for("bf16", torch.device("cuda"))
-    with pytest.raises(MtftError, match="trainer.precision must be fp32 or bf16"):
-        autocast_for("fp16x", torch.device("cpu"))
+    with pytest.raises(MtftError, match=r"trainer.precision must be one of \[fp32, bf16\], got 'fp16x'"):
+        TrainerConfig(precision="fp16x")
 
 
 def test_tokenizer_without_pad_token_pads_with_eos(tokenizer, tmp_path, caplog):

@@ -24,6 +24,15 @@ from typing import Any
 
 import torch
 
+from mtft.core.errors import MtftError
+
+
+def check_task_names(key: str, named: Any, tasks: Sequence[str]) -> None:
+    """A balancer option keyed by task (weights, loss floors) may only name tasks of the mixture."""
+    unknown = sorted(set(named) - set(tasks))
+    if unknown:
+        raise MtftError(f"{key} names unknown task(s) {unknown}; tasks: {list(tasks)}")
+
 
 @dataclass
 class TaskLosses:

@@ -18,6 +18,7 @@ import torch
 
 from mtft.balancers.base import Balancer
 from mtft.core.errors import MtftError
+from mtft.core.schema import positive, require
 
 
 def least_squares_slope(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -50,11 +51,26 @@ class CobaBalancerConfig:
     """CoBa (Gong et al., EMNLP 2024): weights from the slopes of normalized validation-loss curves."""
 
     _target_: str = "mtft.balancers.coba.CoBa"
-    warmup_steps: int = 100  # equal weights until then
-    history_length: int = 200  # window of validation points for the slope fits
+    name: str = "coba"
+    # Equal weights for the first steps (reference: about the number of validation batches).
+    warmup_steps: int = 100
+    # Validation probes in the slope window; 2-5x warmup_steps (longer = smoother weights).
+    history_length: int = 200
     tau: float = 5.0  # temperature of the divergence factor
-    update_interval: int = 1  # steps between validation probes / weight updates
+    update_interval: int = 1  # probe the validation set and update the weights every N steps
     sample_valid_num: int = 1  # validation batches per probe
+
+    def __post_init__(self) -> None:
+        def integer(key: str, low: int, why: str = "") -> None:
+            value = getattr(self, key)
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= low
+            require(ok, f"balancer.{key}", f"an integer >= {low}{why}", value)
+
+        integer("warmup_steps", 0)
+        integer("history_length", 2, " (a slope needs two points)")
+        positive("balancer.tau", self.tau)
+        integer("update_interval", 1)
+        integer("sample_valid_num", 1)
 
 
 class CoBa(Balancer):
@@ -85,33 +101,14 @@ class CoBa(Balancer):
     of the latest update (nothing during warm-up).
     """
 
-    def __init__(
-        self,
-        tasks: Sequence[str],
-        warmup_steps: int = 100,
-        history_length: int = 200,
-        tau: float = 5.0,
-        update_interval: int = 1,
-        sample_valid_num: int = 1,
-    ) -> None:
+    def __init__(self, tasks: Sequence[str], **options: Any) -> None:
         super().__init__(tasks)
-        if not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise MtftError(f"balancer.warmup_steps must be an integer >= 0, got {warmup_steps!r}")
-        if not isinstance(history_length, int) or history_length < 2:
-            raise MtftError(
-                f"balancer.history_length must be an integer >= 2 (a slope needs two points), got {history_length!r}"
-            )
-        if not isinstance(tau, int | float) or not math.isfinite(tau) or tau <= 0:
-            raise MtftError(f"balancer.tau must be a finite number > 0, got {tau!r}")
-        if not isinstance(update_interval, int) or update_interval < 1:
-            raise MtftError(f"balancer.update_interval must be an integer >= 1, got {update_interval!r}")
-        if not isinstance(sample_valid_num, int) or sample_valid_num < 1:
-            raise MtftError(f"balancer.sample_valid_num must be an integer >= 1, got {sample_valid_num!r}")
-        self.warmup_steps = warmup_steps
-        self.history_length = history_length
-        self.tau = float(tau)
-        self.update_interval = update_interval
-        self.sample_valid_num = sample_valid_num
+        self.config = cfg = CobaBalancerConfig(**options)
+        self.warmup_steps = cfg.warmup_steps
+        self.history_length = history_length = cfg.history_length
+        self.tau = float(cfg.tau)
+        self.update_interval = update_interval = cfg.update_interval
+        self.sample_valid_num = sample_valid_num = cfg.sample_valid_num
         # The trainer probes the validation set through these two interface attributes.
         self.val_interval = update_interval
         self.val_batches = sample_valid_num

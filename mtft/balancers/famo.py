@@ -25,16 +25,23 @@ Adam moments of the others are left exactly as they were.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from mtft.balancers.base import Balancer, TaskLosses
+from mtft.balancers.base import Balancer, TaskLosses, check_task_names
 from mtft.core.errors import MtftError
+from mtft.core.schema import Choice, at_least, choice, finite, positive
 
-POST_STEP_LOSSES = ("next_batch", "recompute")
+
+class PostStepLoss(Choice):
+    """Where FAMO's post-step loss L' comes from."""
+
+    next_batch = "next_batch"  # the next step's own losses (free)
+    recompute = "recompute"  # the step's last micro-batch re-evaluated after the update (one no-grad forward)
+
 
 # (per-task losses, present mask), float32 / bool on the CPU
 _Observed = tuple[torch.Tensor, torch.Tensor]
@@ -45,46 +52,35 @@ class FamoBalancerConfig:
     """FAMO (Liu et al., NeurIPS 2023): task logits trained so every task's log-loss falls at a similar rate."""
 
     _target_: str = "mtft.balancers.famo.FAMO"
-    lr: float = 0.025  # Adam learning rate of the task logits
-    gamma: float = 0.001  # weight decay of the task logits
-    min_losses: dict[str, float] | None = None  # per-task loss floor m_i (default 0)
-    eps: float = 1e-8
-    post_step_loss: str = "next_batch"  # next_batch (free) | recompute (one extra no-grad forward)
+    name: str = "famo"
+    lr: float = 0.025  # Adam learning rate of the task logits (reference default)
+    # Adam weight decay of the logits (LibMTL's default; the reference's example uses 0.01).
+    gamma: float = 0.001
+    min_losses: dict[str, float] = field(default_factory=dict)  # per-task loss floor m_i; unlisted tasks: 0
+    eps: float = 1e-8  # added inside log(L - m + eps)
+    post_step_loss: PostStepLoss = PostStepLoss.next_batch
+
+    def __post_init__(self) -> None:
+        self.post_step_loss = choice("balancer.post_step_loss", PostStepLoss, self.post_step_loss)
+        positive("balancer.lr", self.lr)
+        at_least("balancer.gamma", self.gamma, 0)
+        positive("balancer.eps", self.eps)
+        for task, floor in (self.min_losses or {}).items():
+            finite(f"balancer.min_losses.{task}", floor)
+
+    def check_tasks(self, tasks: Sequence[str]) -> None:
+        check_task_names("balancer.min_losses", self.min_losses or {}, tasks)
 
 
 class FAMO(Balancer):
     """Task logits trained online so that every task's log-loss decreases at a similar rate."""
 
-    def __init__(
-        self,
-        tasks: Sequence[str],
-        lr: float = 0.025,
-        gamma: float = 0.001,
-        min_losses: Mapping[str, float] | None = None,
-        eps: float = 1e-8,
-        post_step_loss: str = "next_batch",
-    ) -> None:
+    def __init__(self, tasks: Sequence[str], **options: Any) -> None:
         super().__init__(tasks)
-        if not _finite(lr) or lr <= 0:
-            raise MtftError(f"balancer.lr must be a positive number (FAMO's logit learning rate), got {lr!r}")
-        if not _finite(gamma) or gamma < 0:
-            raise MtftError(f"balancer.gamma must be >= 0 (FAMO's logit weight decay), got {gamma!r}")
-        if not _finite(eps) or eps <= 0:
-            raise MtftError(f"balancer.eps must be a positive number, got {eps!r}")
-        if post_step_loss not in POST_STEP_LOSSES:
-            raise MtftError(
-                f"balancer.post_step_loss must be one of {', '.join(POST_STEP_LOSSES)}, got {post_step_loss!r}"
-            )
-        floors = dict(min_losses or {})
-        unknown = set(floors) - set(self.tasks)
-        if unknown:
-            raise MtftError(
-                f"balancer.min_losses names unknown task(s) {sorted(unknown)}; tasks: {self.tasks}"
-            )
-        bad = sorted(t for t, v in floors.items() if not _finite(v))
-        if bad:
-            raise MtftError(f"balancer.min_losses must be finite numbers; bad value for {bad}")
-
+        self.config = cfg = FamoBalancerConfig(**options)
+        cfg.check_tasks(self.tasks)
+        lr, gamma, eps, post_step_loss = cfg.lr, cfg.gamma, cfg.eps, cfg.post_step_loss
+        floors = cfg.min_losses or {}
         self.lr, self.gamma, self.eps = float(lr), float(gamma), float(eps)
         self.post_step_loss = post_step_loss
         self.recompute_after_step = post_step_loss == "recompute"

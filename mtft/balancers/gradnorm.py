@@ -43,6 +43,7 @@ import torch
 from mtft.balancers.base import Balancer, TaskLosses
 from mtft.core.dist import all_reduce_sum
 from mtft.core.errors import MtftError
+from mtft.core.schema import require
 
 log = logging.getLogger("mtft")
 
@@ -68,10 +69,37 @@ class GradNormBalancerConfig:
     """GradNorm (Chen et al., ICML 2018): learnable weights that equalize gradient norms by training rate."""
 
     _target_: str = "mtft.balancers.gradnorm.GradNorm"
-    alpha: float = 1.5  # restoring-force strength
-    lr: float = 0.025  # learning rate of the weights' own optimizer
-    # Regex over parameter names selecting the shared parameters W; null = the last transformer block.
+    name: str = "gradnorm"
+    # Restoring-force strength: 0 equalizes gradient norms; larger pushes harder toward equal training rates.
+    alpha: float = 1.5
+    lr: float = 0.025  # learning rate of the weights' own Adam optimizer (separate from trainer.lr)
+    # Regex over parameter names (re.search) selecting W; null = the last transformer block
+    # (e.g. model.layers.<last>., transformer.h.<last>., gpt_neox.layers.<last>.). Only trainable
+    # parameters count, so with LoRA it is the last block's adapters.
     shared_params: str | None = None
+
+    def __post_init__(self) -> None:
+        require(
+            isinstance(self.alpha, int | float) and math.isfinite(self.alpha) and self.alpha >= 0,
+            "balancer.alpha",
+            "a finite number >= 0",
+            self.alpha,
+        )
+        require(
+            isinstance(self.lr, int | float) and math.isfinite(self.lr) and self.lr > 0,
+            "balancer.lr",
+            "a finite number > 0",
+            self.lr,
+        )
+        if self.shared_params is not None:
+            if not self.shared_params:
+                raise MtftError("balancer.shared_params is empty; use null for the last transformer block")
+            try:
+                re.compile(self.shared_params)
+            except re.error as e:
+                raise MtftError(
+                    f"balancer.shared_params '{self.shared_params}' is not a valid regex: {e}"
+                ) from None
 
 
 class GradNorm(Balancer):
@@ -79,28 +107,10 @@ class GradNorm(Balancer):
 
     needs_parameters = True
 
-    def __init__(
-        self,
-        tasks: Sequence[str],
-        alpha: float = 1.5,
-        lr: float = 0.025,
-        shared_params: str | None = None,
-    ) -> None:
+    def __init__(self, tasks: Sequence[str], **options: Any) -> None:
         super().__init__(tasks)
-        if not (math.isfinite(alpha) and alpha >= 0):
-            raise MtftError(f"balancer.alpha must be a finite number >= 0, got {alpha}")
-        if not (math.isfinite(lr) and lr > 0):
-            raise MtftError(f"balancer.lr must be a finite number > 0, got {lr}")
-        if shared_params is not None:
-            if not shared_params:
-                raise MtftError("balancer.shared_params is empty; use null for the last transformer block")
-            try:
-                re.compile(shared_params)
-            except re.error as e:
-                raise MtftError(
-                    f"balancer.shared_params '{shared_params}' is not a valid regex: {e}"
-                ) from None
-        self.alpha, self.lr, self.pattern = float(alpha), float(lr), shared_params
+        self.config = cfg = GradNormBalancerConfig(**options)
+        self.alpha, self.lr, self.pattern = float(cfg.alpha), float(cfg.lr), cfg.shared_params
         # One scalar per task so an absent task can be left out of the Adam step entirely.
         self._params = [torch.ones((), requires_grad=True) for _ in self.tasks]
         self._opt = torch.optim.Adam(self._params, lr=self.lr)

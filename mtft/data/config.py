@@ -5,36 +5,58 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from omegaconf import MISSING, OmegaConf
-from omegaconf.errors import ValidationError
+from omegaconf import MISSING
 
 from mtft.core.errors import MtftError
+from mtft.core.schema import Choice, at_least, choice, in_unit_interval, positive, require
+
+
+class DataSource(Choice):
+    codetasks = "codetasks"  # the embedded mixture, generated from the Python standard library
+    jsonl = "jsonl"  # your own files, listed per task
+
+
+class Truncation(Choice):
+    truncate = "truncate"  # cut longer examples to max_length and count them
+    error = "error"  # stop the run, with the count per task
+
+
+class Sampling(Choice):
+    proportional = "proportional"  # to task size: every example once per epoch
+    uniform = "uniform"  # equal probability per task
+    temperature = "temperature"  # n_i^(1/t)
 
 
 @dataclass
 class TaskConfig:
     """One task of a mixture. JSONL sources list files; the embedded codetasks source generates them."""
 
-    train: list[str] = field(default_factory=list)
+    train: list[str] = field(default_factory=list)  # JSONL files of the task
     validation: list[str] = field(default_factory=list)
     # Fraction of `train` held out for validation when no validation files are given.
     val_fraction: float = 0.05
-    max_train_samples: int | None = None
+    max_train_samples: int | None = None  # keep only the first N examples (quick experiments)
     max_val_samples: int | None = None
+
+    def check(self, name: str) -> None:
+        """Range checks; called by DataConfig, which knows the task's name for the message."""
+        in_unit_interval(f"data.tasks.{name}.val_fraction", self.val_fraction)
+        for key in ("max_train_samples", "max_val_samples"):
+            if getattr(self, key) is not None:
+                at_least(f"data.tasks.{name}.{key}", getattr(self, key), 1)
 
 
 @dataclass
 class DataConfig:
-    source: str = MISSING  # codetasks | jsonl
-    # task name -> TaskConfig fields. Typed as Any so `+data.tasks.NAME.train=[...]` can add a task
-    # from the command line (OmegaConf cannot add keys to a dict of dataclasses); `task_configs`
-    # checks every entry against TaskConfig at start-up.
+    source: DataSource = MISSING
+    # Task name -> TaskConfig fields. Typed Any so `+data.tasks.NAME.train=[...]` can add a task from the
+    # command line (Hydra cannot add a key to a dict of dataclasses); `__post_init__` turns each entry
+    # into a checked TaskConfig, so the rest of mtft sees `dict[str, TaskConfig]`.
     tasks: dict[str, Any] = field(default_factory=dict)
-    max_length: int = 256
-    truncation: str = "truncate"  # longer examples: truncate (and count them) | error
-    # Mixture sampling: proportional (to task size) | uniform (equal per task) | temperature (n_i^(1/t)).
-    sampling: str = "proportional"
-    temperature: float = 2.0
+    max_length: int = 256  # tokens per sequence (prompt + response)
+    truncation: Truncation = Truncation.truncate  # what happens to longer examples
+    sampling: Sampling = Sampling.proportional  # how batches draw from the tasks
+    temperature: float = 2.0  # t of `sampling: temperature`
     # Length-grouped batching: sort each window of `group_batches` global batches by length (like
     # transformers' `group_by_length`), so batches pad less; deterministic and resumable as before.
     group_by_length: bool = False
@@ -43,17 +65,26 @@ class DataConfig:
     val_percent: int = 5
     split_salt: str = "mtft-codetasks-v1"
 
+    def __post_init__(self) -> None:
+        if self.source != MISSING:
+            self.source = choice("data.source", DataSource, self.source)
+        self.truncation = choice("data.truncation", Truncation, self.truncation)
+        self.sampling = choice("data.sampling", Sampling, self.sampling)
+        at_least("data.max_length", self.max_length, 2)
+        positive("data.temperature", self.temperature)
+        at_least("data.group_batches", self.group_batches, 1)
+        require(0 < self.val_percent < 100, "data.val_percent", "in 1..99", self.val_percent)
+        self.tasks = task_configs(self.tasks)
 
-def task_configs(tasks: dict[str, Any]) -> dict[str, TaskConfig]:
-    """Check each task entry against the TaskConfig schema, naming the task in any error."""
+
+def task_configs(tasks: dict[str, TaskConfig | dict]) -> dict[str, TaskConfig]:
+    """Each task as a checked TaskConfig (entries may be plain mappings when built in Python)."""
     out = {}
     for name, node in tasks.items():
-        if isinstance(node, TaskConfig):
-            out[name] = node
-            continue
         try:
-            merged = OmegaConf.merge(OmegaConf.structured(TaskConfig), node or {})
-        except (ValidationError, KeyError) as e:
-            raise MtftError(f"data.tasks.{name}: {str(e).splitlines()[0]}") from None
-        out[name] = OmegaConf.to_object(merged)
+            task = node if isinstance(node, TaskConfig) else TaskConfig(**(node or {}))
+        except TypeError as e:
+            raise MtftError(f"data.tasks.{name}: {e}") from None
+        task.check(name)
+        out[name] = task
     return out

@@ -22,7 +22,7 @@ from datasets import Dataset
 from mtft.core.cache import build_dir_once
 from mtft.core.errors import MtftError
 from mtft.data import codetasks
-from mtft.data.config import DataConfig, TaskConfig, task_configs
+from mtft.data.config import DataConfig, TaskConfig
 from mtft.data.jsonl import Example, read_jsonl
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ def _jsonl_task(name: str, task: TaskConfig) -> tuple[list[Example], list[Exampl
 def build_mixture(cfg: DataConfig, cache_dir: Path) -> Mixture:
     if not cfg.tasks:
         raise MtftError("the mixture has no tasks: set data.tasks (see conf/data/jsonl.yaml)")
-    tasks = task_configs(cfg.tasks)
+    tasks = cfg.tasks
     if cfg.source == "codetasks":
         unknown = set(cfg.tasks) - set(codetasks.TASKS)
         if unknown:

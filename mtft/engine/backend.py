@@ -44,8 +44,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainerConfig) -> Any
 def autocast_for(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
     if precision == "fp32":
         return contextlib.nullcontext
-    if precision != "bf16":
-        raise MtftError(f"trainer.precision must be fp32 or bf16, got '{precision}'")
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise MtftError("trainer.precision=bf16 but this GPU does not support bfloat16; use fp32")
     return functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16)

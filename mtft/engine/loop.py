@@ -125,12 +125,6 @@ class Trainer:
         run_dir: Path,
         seed: int = 0,
     ) -> None:
-        if cfg.max_steps < 1 or cfg.grad_accum < 1 or cfg.batch_size < 1 or cfg.eval_interval < 1:
-            raise MtftError("trainer.max_steps, batch_size, grad_accum and eval_interval must all be >= 1")
-        if cfg.save_interval is not None and cfg.save_interval < 1:
-            raise MtftError("trainer.save_interval must be >= 1 (or null: only at the end)")
-        if cfg.keep_checkpoints < 1:
-            raise MtftError("trainer.keep_checkpoints must be >= 1")
         self.cfg, self.backend, self.data, self.collator = cfg, backend, data, collator
         self.sampler, self.balancer, self.tracker, self.seed = sampler, balancer, tracker, seed
         # `model` is what training calls (DDP/DeepSpeed wrapper); `module` the model itself.

@@ -14,19 +14,25 @@ from omegaconf import DictConfig, OmegaConf
 
 from mtft.core.errors import Interrupted, MtftError
 from mtft.recipe.config import TrainConfig, conf_dir, register_configs
+from mtft.recipe.validate import validate
 
 log = logging.getLogger("mtft")
+
+# Set once the task function runs: an error before it is Hydra's config composition (see mtft.cli).
+task_started = False
 
 register_configs()
 
 
 @hydra.main(config_path=str(conf_dir()), config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    global task_started
+    task_started = True
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
-    balancer_name = hydra_cfg.runtime.choices.get("balancer", "custom")
     try:
-        typed: TrainConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+        typed: TrainConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]  # runs the __post_init__ checks
+        validate(typed)  # the cross-section rules, before any data, model or engine is built
         dist = typed.distributed
         if _is_slurm_rank():  # a task of a multi-task SLURM job (submitit launcher): join the others
             from mtft.launch.process_group import init_process_group
@@ -35,11 +41,11 @@ def main(cfg: DictConfig) -> None:
         if "RANK" not in os.environ and (dist.nproc_per_node > 1 or dist.nnodes > 1):
             from mtft.launch.workers import launch_workers
 
-            launch_workers(typed, OmegaConf.to_yaml(cfg, resolve=True), run_dir, balancer_name)
+            launch_workers(typed, OmegaConf.to_yaml(cfg, resolve=True), run_dir)
         else:
             from mtft.recipe.finetune import train
 
-            train(typed, run_dir, balancer_name)
+            train(typed, run_dir, typed.balancer.name)
     except MtftError as e:
         log.error("error: %s", e)
         sys.exit(2)

@@ -1,6 +1,6 @@
 """One rank of a job started by `mtft train distributed.nproc_per_node=N` (see mtft.launch.workers).
 
-python -m mtft.launch.worker RUN_DIR/launch_config.yaml RUN_DIR BALANCER_NAME
+python -m mtft.launch.worker RUN_DIR/launch_config.yaml RUN_DIR
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def _setup_logging(run_dir: Path, rank: int) -> None:
 
 
 def main(argv: list[str]) -> int:
-    config_path, run_dir, balancer_name = Path(argv[0]), Path(argv[1]), argv[2]
+    config_path, run_dir = Path(argv[0]), Path(argv[1])
     from mtft.core.dist import rank
     from mtft.launch.process_group import init_process_group
 
@@ -41,7 +41,8 @@ def main(argv: list[str]) -> int:
     from mtft.recipe.finetune import train
 
     try:
-        train(load_launch_config(config_path), run_dir, balancer_name)
+        cfg = load_launch_config(config_path)
+        train(cfg, run_dir, cfg.balancer.name)
     except MtftError as e:
         log.error("error: %s", e)
         return 2

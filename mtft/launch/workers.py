@@ -23,7 +23,7 @@ from mtft.recipe.config import TrainConfig
 log = logging.getLogger("mtft")
 
 
-def launch_workers(cfg: TrainConfig, resolved_yaml: str, run_dir: Path, balancer_name: str) -> None:
+def launch_workers(cfg: TrainConfig, resolved_yaml: str, run_dir: Path) -> None:
     """Run the job as `nproc_per_node` x `nnodes` worker processes and wait for them.
 
     A worker's MtftError (exit 2) or resumable stop (exit 75) becomes the parent's, so `mtft train`
@@ -36,10 +36,6 @@ def launch_workers(cfg: TrainConfig, resolved_yaml: str, run_dir: Path, balancer
     from mtft.engine.checkpoint import checkpoint_dirs
 
     dist = cfg.distributed
-    if dist.nnodes > 1 and not dist.rdzv_endpoint:
-        raise MtftError(
-            "distributed.nnodes > 1 needs distributed.rdzv_endpoint=HOST:PORT (the same on every node)"
-        )
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / LAUNCH_CONFIG
     config_path.write_text(resolved_yaml)
@@ -54,8 +50,6 @@ def launch_workers(cfg: TrainConfig, resolved_yaml: str, run_dir: Path, balancer
         max_restarts=0,
         monitor_interval=1,
     )
-    if dist.backend not in ("auto", "nccl", "gloo"):
-        raise MtftError(f"distributed.backend must be auto, nccl or gloo, got '{dist.backend}'")
     os.environ["MTFT_DIST_BACKEND"] = dist.backend
     os.environ["MTFT_DIST_TIMEOUT_MIN"] = str(dist.timeout_min)
     log.info(
@@ -65,9 +59,7 @@ def launch_workers(cfg: TrainConfig, resolved_yaml: str, run_dir: Path, balancer
         run_dir,
     )
     try:
-        elastic_launch(launch, sys.executable)(
-            "-m", "mtft.launch.worker", str(config_path), str(run_dir), balancer_name
-        )
+        elastic_launch(launch, sys.executable)("-m", "mtft.launch.worker", str(config_path), str(run_dir))
     except SignalException as e:
         # SIGTERM/SIGINT to this parent: the agent passed it on to the workers and waited while
         # they saved a checkpoint and stopped.

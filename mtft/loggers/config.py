@@ -4,6 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from mtft.core.schema import Choice, choice
+
+
+class WandbMode(Choice):
+    online = "online"
+    offline = "offline"  # local files only; `wandb sync` later
+    disabled = "disabled"
+
 
 @dataclass
 class WandbConfig:
@@ -11,14 +19,18 @@ class WandbConfig:
 
     enabled: bool = False
     # online | offline | disabled; null = wandb's own default (WANDB_MODE, `wandb offline`, else online).
-    mode: str | None = None
+    mode: WandbMode | None = None
     project: str = "mtft"
-    entity: str | None = None
+    entity: str | None = None  # your W&B user or team; null = your default entity
     name: str | None = None  # null: "<balancer> seed=<seed>", e.g. "coba seed=1"
     group: str | None = None  # null: the multirun sweep dir, so a sweep's runs sit together
-    job_type: str | None = None  # null: the balancer choice
-    tags: list[str] = field(default_factory=list)  # added to balancer=<choice> and data=<choice>
+    job_type: str | None = None  # null: the balancer's name
+    tags: list[str] = field(default_factory=list)  # added to balancer=<name> and data=<choice>
     notes: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode is not None:
+            self.mode = choice("logger.wandb.mode", WandbMode, self.mode)
 
 
 @dataclass

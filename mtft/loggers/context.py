@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +24,14 @@ SECRET_KEY = re.compile(
 
 
 def redact(node: Any) -> Any:
-    """A copy of a config tree without the entries whose key names a secret."""
+    """A copy of a config tree without the entries whose key names a secret; choices (enums) become
+    plain strings, so yaml.safe_dump and W&B see ordinary values."""
     if isinstance(node, dict):
         return {k: redact(v) for k, v in node.items() if not SECRET_KEY.search(str(k))}
     if isinstance(node, list | tuple):
         return [redact(v) for v in node]
+    if isinstance(node, Enum):
+        return node.value
     return node
 
 
@@ -35,14 +39,23 @@ def redact(node: Any) -> Any:
 class RunContext:
     run_dir: Path
     config: dict[str, Any] = field(default_factory=dict)  # resolved, secrets removed
-    choices: dict[str, str] = field(default_factory=dict)  # config group -> option (balancer: coba, ...)
+    choices: dict[str, str] = field(default_factory=dict)  # config group -> option (data: codetasks, ...)
     sweep_dir: str | None = None  # the multirun's sweep dir; None for a single run
+    balancer: str | None = None  # the balancer's name (cfg.balancer.name), whatever the config group
+
+
+def _balancer_name(cfg: Any) -> str | None:
+    balancer = getattr(cfg, "balancer", None)
+    if balancer is None and isinstance(cfg, dict):
+        balancer = cfg.get("balancer")
+    name = balancer.get("name") if isinstance(balancer, dict) else getattr(balancer, "name", None)
+    return str(name) if name is not None else None
 
 
 def run_context(cfg: Any, run_dir: Path) -> RunContext:
     """Collect the run's config and Hydra choices; works outside Hydra too (no choices then)."""
     config = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
-    ctx = RunContext(run_dir=run_dir, config=redact(config))
+    ctx = RunContext(run_dir=run_dir, config=redact(config), balancer=_balancer_name(cfg))
     if not HydraConfig.initialized():
         return ctx
     hydra_cfg = HydraConfig.get()

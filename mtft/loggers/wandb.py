@@ -1,7 +1,7 @@
 """Weights & Biases sink: every metrics.jsonl row as W&B series, one W&B run per mtft job.
 
 Runs of one Hydra multirun share a W&B group (the sweep dir), so the dashboard shows a sweep's
-balancers and seeds together; job_type and tags carry the balancer and data choices. The W&B files
+balancers and seeds together; job_type and tags carry the balancer's name and the data choice. The W&B files
 live under `<run dir>/wandb/`. The API key is only ever read by wandb itself (from WANDB_API_KEY or
 `wandb login`): mtft never passes it, logs it, or writes it to the run dir.
 """
@@ -15,17 +15,14 @@ from mtft.loggers.config import WandbConfig
 from mtft.loggers.context import RunContext
 from mtft.loggers.series import Row, series_by_step
 
-MODES = ("online", "offline", "disabled")
-
 
 def init_kwargs(cfg: WandbConfig, ctx: RunContext) -> dict[str, Any]:
     """The arguments of `wandb.init` for this job: names from the config, else from the sweep."""
-    if cfg.mode is not None and cfg.mode not in MODES:
-        raise MtftError(f"logger.wandb.mode must be one of {', '.join(MODES)} or null, got '{cfg.mode}'")
-    balancer = ctx.choices.get("balancer")
-    tags = [f"{group}={ctx.choices[group]}" for group in ("balancer", "data") if group in ctx.choices]
+    balancer = ctx.balancer
+    tags = [f"balancer={balancer}"] if balancer else []
+    tags += [f"data={ctx.choices['data']}"] if "data" in ctx.choices else []
     return {
-        "mode": cfg.mode,
+        "mode": str(cfg.mode) if cfg.mode is not None else None,
         "project": cfg.project,
         "entity": cfg.entity,
         "name": cfg.name or (f"{balancer} seed={ctx.config.get('seed')}" if balancer else None),

@@ -2,27 +2,25 @@
 
 The recipe calls `apply_peft` right after `load_model`; with `peft=none` only gradient checkpointing
 (if asked for) is applied. QLoRA needs the base model quantized while it loads, so `load_model` asks
-`quantization_config` for the bitsandbytes settings, and `check_adapter_support` stops a run that
-cannot work here (no CUDA, no bitsandbytes) before any data or model is touched.
+`quantization_config` for the bitsandbytes settings (`mtft.recipe.validate` has already refused a
+QLoRA run that cannot work here).
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import logging
 import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
-from omegaconf.errors import ValidationError
 from transformers import PreTrainedModel
 
 from mtft.core.errors import MtftError
 from mtft.engine.config import TrainerConfig
-from mtft.models.config import LoraAdapterConfig, QLoraAdapterConfig
+from mtft.models.config import LoraAdapterConfig
+from mtft.recipe.validate import check_adapter_support  # noqa: F401 - re-exported for mtft.recipe.finetune
 
 log = logging.getLogger("mtft")
 
@@ -44,89 +42,24 @@ TARGET_MODULES: dict[str, list[str]] = {
 }
 ALL_LINEAR = "all-linear"  # PEFT: every linear layer except the output head
 
-BIASES = ("none", "all", "lora_only")
 COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-def adapter_config(node: Any) -> LoraAdapterConfig | None:
-    """The `peft` config as a checked dataclass (None: full finetuning), whatever form it arrives in."""
-    if node is None or isinstance(node, LoraAdapterConfig):
-        return node
-    method = OmegaConf.select(OmegaConf.create(node), "method", default="lora")
-    schema = {"lora": LoraAdapterConfig, "qlora": QLoraAdapterConfig}.get(method)
-    if schema is None:
-        raise MtftError(f"peft.method must be lora or qlora, got '{method}'")
-    try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node))  # type: ignore[return-value]
-    except (ValidationError, KeyError) as e:
-        raise MtftError(f"peft: {str(e).splitlines()[0]}") from None
 
 
 def is_qlora(cfg: LoraAdapterConfig | None) -> bool:
     return cfg is not None and cfg.method == "qlora"
 
 
-def check_adapter_support(node: Any) -> None:
-    """Stop at once when the chosen PEFT method cannot run on this machine, saying what would."""
-    cfg = adapter_config(node)
-    if cfg is None:
-        return
-    _validate(cfg)
-    if not is_qlora(cfg):
-        return
-    if not torch.cuda.is_available():
-        raise MtftError(
-            "peft=qlora needs a CUDA GPU: bitsandbytes' 4-bit (NF4) quantization runs on CUDA, and "
-            "no GPU is visible here (torch.cuda.is_available() is False). Use peft=lora to train "
-            "LoRA adapters on the unquantized model instead."
-        )
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise MtftError(
-            "peft=qlora needs bitsandbytes, which is not installed: pip install bitsandbytes "
-            "(or use peft=lora, which needs no quantization)"
-        )
-
-
-def _validate(cfg: LoraAdapterConfig) -> None:
-    if cfg.method not in ("lora", "qlora"):
-        raise MtftError(f"peft.method must be lora or qlora, got '{cfg.method}'")
-    if cfg.r < 1:
-        raise MtftError(f"peft.r must be >= 1, got {cfg.r}")
-    if not 0.0 <= cfg.dropout < 1.0:
-        raise MtftError(f"peft.dropout must be in [0, 1), got {cfg.dropout}")
-    if cfg.bias not in BIASES:
-        raise MtftError(f"peft.bias must be one of {list(BIASES)}, got '{cfg.bias}'")
-    targets = cfg.target_modules
-    if targets is not None and not (
-        (isinstance(targets, str) and targets)
-        or (isinstance(targets, (list, tuple)) and targets and all(isinstance(t, str) for t in targets))
-    ):
-        raise MtftError(
-            f"peft.target_modules must be null, '{ALL_LINEAR}', or a non-empty list of module names; "
-            f"got {targets!r}"
-        )
-    if is_qlora(cfg):
-        quant_type = getattr(cfg, "quant_type", "nf4")
-        compute = getattr(cfg, "compute_dtype", "bfloat16")
-        if quant_type not in ("nf4", "fp4"):
-            raise MtftError(f"peft.quant_type must be nf4 or fp4, got '{quant_type}'")
-        if compute not in COMPUTE_DTYPES:
-            raise MtftError(f"peft.compute_dtype must be one of {list(COMPUTE_DTYPES)}, got '{compute}'")
-
-
-def quantization_config(node: Any) -> Any | None:
+def quantization_config(cfg: LoraAdapterConfig | None) -> Any | None:
     """bitsandbytes settings for loading the base model (QLoRA), or None when it loads unquantized."""
-    cfg = adapter_config(node)
-    if not is_qlora(cfg):
+    if cfg is None or not is_qlora(cfg):
         return None
-    check_adapter_support(cfg)
     from transformers import BitsAndBytesConfig
 
-    compute = COMPUTE_DTYPES[getattr(cfg, "compute_dtype", "bfloat16")]
+    compute = COMPUTE_DTYPES[cfg.compute_dtype]
     return BitsAndBytesConfig(
         load_in_4bit=True,
-        bnb_4bit_quant_type=getattr(cfg, "quant_type", "nf4"),
-        bnb_4bit_use_double_quant=getattr(cfg, "double_quant", True),
+        bnb_4bit_quant_type=str(cfg.quant_type),
+        bnb_4bit_use_double_quant=cfg.double_quant,
         bnb_4bit_compute_dtype=compute,
         # Packed 4-bit weights stored as the compute dtype (same bytes) can be flattened and sharded
         # together with the other parameters, which ZeRO-3 and FSDP need.
@@ -164,20 +97,20 @@ def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
     log.info("gradient checkpointing: on (non-reentrant); activations are recomputed in the backward pass")
 
 
-def apply_peft(model: PreTrainedModel, node: Any, trainer: TrainerConfig) -> torch.nn.Module:
+def apply_peft(
+    model: PreTrainedModel, cfg: LoraAdapterConfig | None, trainer: TrainerConfig
+) -> torch.nn.Module:
     """Make `model` ready to train: gradient checkpointing if asked, then LoRA adapters if configured.
 
     With LoRA only the adapters (and `modules_to_save`) require grad, so the optimizer sees nothing
     else; the returned PeftModel saves just the adapter with `save_pretrained`.
     """
-    cfg = adapter_config(node)
     if cfg is None:
         if trainer.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         _log_parameters(model, "full finetuning")
         return model
 
-    check_adapter_support(cfg)
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if is_qlora(cfg):
@@ -205,7 +138,7 @@ def apply_peft(model: PreTrainedModel, node: Any, trainer: TrainerConfig) -> tor
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
         target_modules=targets,
-        bias=cfg.bias,
+        bias=str(cfg.bias),
         modules_to_save=list(cfg.modules_to_save) if cfg.modules_to_save else None,
     )
     try:

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from mtft.core.errors import MtftError
 from mtft.models.adapters import quantization_config
-from mtft.models.config import ModelConfig
+from mtft.models.config import LoraAdapterConfig, ModelConfig
 from mtft.models.tiny import ensure_tiny
 
 log = logging.getLogger(__name__)
@@ -42,10 +42,8 @@ def load_tokenizer(path: str, cfg: ModelConfig) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_model(path: str, cfg: ModelConfig, peft: Any = None) -> PreTrainedModel:
+def load_model(path: str, cfg: ModelConfig, peft: LoraAdapterConfig | None = None) -> PreTrainedModel:
     """The base model; with `peft=qlora` it is quantized to 4 bits while loading, onto this rank's GPU."""
-    if cfg.dtype not in DTYPES:
-        raise MtftError(f"model.dtype must be one of {list(DTYPES)}, got '{cfg.dtype}'")
     kwargs: dict[str, Any] = {
         "dtype": DTYPES[cfg.dtype],
         "trust_remote_code": cfg.trust_remote_code,

@@ -9,12 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_class
+from omegaconf import DictConfig, OmegaConf
 
 from mtft.balancers import Balancer
 from mtft.core.dist import rank
-from mtft.core.errors import MtftError
 from mtft.loggers.base import Sink
 from mtft.loggers.console import ConsoleSink
 from mtft.loggers.context import run_context
@@ -23,13 +22,11 @@ from mtft.recipe.config import TrainConfig
 
 
 def build_balancer(cfg: Any, tasks: list[str]) -> Balancer:
-    """Instantiate the configured balancer; its own config errors surface as plain MtftErrors."""
-    try:
-        return instantiate(cfg, tasks=tasks, _convert_="all")
-    except InstantiationException as e:
-        if isinstance(e.__cause__, MtftError):
-            raise e.__cause__ from None
-        raise
+    """The balancer class `cfg._target_` names, given the other (already checked) fields of `cfg`."""
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_object(cfg)
+    options = {k: v for k, v in vars(cfg).items() if k != "_target_"}
+    return get_class(cfg._target_)(tasks, **options)
 
 
 def build_sinks(cfg: TrainConfig, run_dir: Path, tasks: list[str]) -> list[Sink]:

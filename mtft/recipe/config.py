@@ -21,36 +21,41 @@ from mtft.data.config import DataConfig
 from mtft.engine.config import DeepSpeedConfig, TrainerConfig
 from mtft.launch.config import DistributedConfig
 from mtft.loggers.config import LoggerConfig
-from mtft.models.config import LoraAdapterConfig, ModelConfig, QLoraAdapterConfig
+from mtft.models.config import LoraAdapterConfig, ModelConfig
 
 
 @dataclass
 class TrainConfig:
     model: ModelConfig = MISSING
     data: DataConfig = MISSING
-    balancer: Any = MISSING  # instantiated with hydra.utils.instantiate; each balancer has its own schema
+    # Polymorphic: each balancer YAML extends its own schema (`uniform_schema`, `coba_schema`, ...).
+    balancer: Any = MISSING
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    logger: LoggerConfig = MISSING
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
     deepspeed: DeepSpeedConfig | None = None
-    peft: Any = None
+    peft: LoraAdapterConfig | None = None  # null: full finetuning
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
-    seed: int = 0
+    seed: int = 0  # model init of the embedded model aside: data order, dropout, balancer state
     # Built datasets and the embedded model are cached here (override with $MTFT_CACHE).
     cache_dir: str = "${oc.env:MTFT_CACHE,'~/.cache/mtft'}"
 
 
+BALANCER_SCHEMAS = {
+    "uniform_schema": UniformBalancerConfig,
+    "coba_schema": CobaBalancerConfig,
+    "famo_schema": FamoBalancerConfig,
+    "gradnorm_schema": GradNormBalancerConfig,
+}
+
+
 def register_configs() -> None:
-    """Register the schemas: train.yaml extends `train_schema`, each balancer YAML its own schema."""
+    """Register the schemas as top-level names (no group, so `mtft train --help` lists none of them):
+    train.yaml extends `train_schema`, each balancer YAML its own `<name>_schema`. `deepspeed` and
+    `peft` need none: their TrainConfig fields are typed."""
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
-    # `balancer` is polymorphic (Any above), so each balancer's YAML extends its own schema.
-    cs.store(group="schema/balancer", name="uniform", node=UniformBalancerConfig)
-    cs.store(group="schema/balancer", name="coba", node=CobaBalancerConfig)
-    cs.store(group="schema/balancer", name="famo", node=FamoBalancerConfig)
-    cs.store(group="schema/balancer", name="gradnorm", node=GradNormBalancerConfig)
-    cs.store(group="schema", name="deepspeed", node=DeepSpeedConfig)
-    cs.store(group="schema/peft", name="lora", node=LoraAdapterConfig)
-    cs.store(group="schema/peft", name="qlora", node=QLoraAdapterConfig)
+    for name, schema in BALANCER_SCHEMAS.items():
+        cs.store(name=name, node=schema)
 
 
 def conf_dir() -> Path:
