@@ -35,7 +35,7 @@ def feed(balancer: CoBa, curves: np.ndarray, steps: list[int] | None = None, abs
 def reference_weights(
     curves: np.ndarray, steps: list[int], warmup: int, window: int, tau: float
 ) -> list[np.ndarray]:
-    """DESIGN.md's CoBa formulas, written out independently with numpy (every task present)."""
+    """docs/design.md's CoBa formulas, written out independently with numpy (every task present)."""
 
     def softmax(z: np.ndarray) -> np.ndarray:
         e = np.exp(z - z.max())

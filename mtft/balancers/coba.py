@@ -3,7 +3,7 @@
 Task weights come from the slopes of the tasks' normalized validation-loss curves, so a task that
 still learns gets more weight and a task that has started to overfit gets less. Reference code:
 codefuse-ai/MFTCoder (`CoBaStatus` in mftcoder_accelerate/src/utils/loss_utils.py). The math below
-follows DESIGN.md ("The balancers" / CoBa); where the reference differs, a comment says how.
+follows docs/design.md ("Balancers" / CoBa); where the reference differs, a comment says how.
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ class CoBa(Balancer):
         self._values: deque[list[float]] = deque(maxlen=history_length)  # v(t) per probe in the window
         # ACS: each task's slopes at the updates whose probes are in the window (since warm-up).
         # The reference slices its slope list with an index meant for the loss history, which keeps
-        # about `history_length - warmup_steps` slopes; we keep the last `history_length`, as DESIGN.md says.
+        # about `history_length - warmup_steps` slopes; we keep the last `history_length`, as docs/design.md says.
         self._task_slopes: deque[list[float]] = deque(maxlen=history_length)
         # DF: slopes of max_i v_i at every update since warm-up (not windowed, as in the reference).
         self._max_slopes: list[float] = []

@@ -82,7 +82,7 @@ def _jsonl_task(name: str, task: TaskConfig) -> tuple[list[Example], list[Exampl
 
 def build_mixture(cfg: DataConfig, cache_dir: Path) -> Mixture:
     if not cfg.tasks:
-        raise MtftError("the mixture has no tasks: set data.tasks (see conf/data/jsonl.yaml)")
+        raise MtftError("the mixture has no tasks: set data.tasks (see mtft/conf/data/jsonl.yaml)")
     tasks = cfg.tasks
     if cfg.source == "codetasks":
         unknown = set(cfg.tasks) - set(codetasks.TASKS)

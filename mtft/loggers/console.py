@@ -28,7 +28,7 @@ CONSOLE = Console(stderr=True)  # shared by the progress bar and log lines so th
 
 
 def console_handler() -> logging.Handler:
-    """Log handler for the console (used by conf/hydra/job_logging/rich.yaml).
+    """Log handler for the console (used by mtft/conf/hydra/job_logging/mtft.yaml).
 
     On a terminal, rich prints lines above the live progress bar; elsewhere (CI, files, pipes)
     lines are plain and never wrapped, so paths in messages stay whole and greppable.

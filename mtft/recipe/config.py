@@ -1,4 +1,4 @@
-"""Structured configs: the schema every YAML file in ``conf/`` is checked against.
+"""Structured configs: the schema every YAML file in ``mtft/conf/`` is checked against.
 
 Hydra merges each group's YAML onto these dataclasses, so a misspelled key or a value of the wrong
 type fails at start-up with a message naming the key, instead of being silently ignored.
