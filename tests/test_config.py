@@ -59,7 +59,6 @@ BAD = [
     ("model.build.num_attention_heads=3", "model.build.hidden_size must be a multiple"),
     ("distributed.nproc_per_node=0", "distributed.nproc_per_node"),
     ("distributed.timeout_min=0", "distributed.timeout_min"),
-    ("distributed.nnodes=2", "distributed.rdzv_endpoint"),
     ("deepspeed=zero2 deepspeed.stage=4", "deepspeed.stage must be 0, 1, 2 or 3"),
     ("deepspeed=zero2 deepspeed.offload_param=true", "offload_param needs deepspeed.stage=3"),
     ("deepspeed=zero1 deepspeed.stage=0 deepspeed.offload_optimizer=true", "offload_optimizer"),
@@ -171,6 +170,7 @@ CLI_BAD = [
     ("balancer=nope", "balancer/nope"),
     ("balancer=uniform +balancer.weights={nope:2.0}", "balancer.weights names unknown task"),
     ("peft=lora peft.r=0", "peft.r must be >= 1"),
+    ("distributed.nnodes=2", "distributed.nnodes > 1 needs distributed.rdzv_endpoint"),
 ]
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mtft.core.errors import MtftError
 from mtft.core.schema import Choice, at_least, choice
 
 
@@ -21,7 +20,9 @@ class DistributedConfig:
 
     nproc_per_node: int = 1
     nnodes: int = 1
-    rdzv_endpoint: str | None = None  # host:port of the rendezvous when nnodes > 1
+    # host:port of the rendezvous when mtft starts the workers of nnodes > 1 nodes itself (under SLURM
+    # or torchrun the launcher provides it)
+    rdzv_endpoint: str | None = None
     backend: DistBackend = DistBackend.auto
     timeout_min: int = 30  # how long a collective may wait for a slow rank
 
@@ -30,7 +31,3 @@ class DistributedConfig:
         at_least("distributed.nproc_per_node", self.nproc_per_node, 1)
         at_least("distributed.nnodes", self.nnodes, 1)
         at_least("distributed.timeout_min", self.timeout_min, 1)
-        if self.nnodes > 1 and not self.rdzv_endpoint:
-            raise MtftError(
-                "distributed.nnodes > 1 needs distributed.rdzv_endpoint=HOST:PORT (the same on every node)"
-            )

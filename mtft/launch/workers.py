@@ -36,6 +36,10 @@ def launch_workers(cfg: TrainConfig, resolved_yaml: str, run_dir: Path) -> None:
     from mtft.engine.checkpoint import checkpoint_dirs
 
     dist = cfg.distributed
+    if dist.nnodes > 1 and not dist.rdzv_endpoint:
+        raise MtftError(
+            "distributed.nnodes > 1 needs distributed.rdzv_endpoint=HOST:PORT (the same on every node)"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / LAUNCH_CONFIG
     config_path.write_text(resolved_yaml)
