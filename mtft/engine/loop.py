@@ -146,7 +146,7 @@ class Trainer:
         if cfg.keep_checkpoints < 1:
             raise MtftError("trainer.keep_checkpoints must be >= 1")
         self.cfg, self.backend, self.data, self.collator = cfg, backend, data, collator
-        self.sampler, self.balancer, self.tracker, self.seed = sampler, balancer, tracker, seed
+        self.sampler, self.balancer, self.tracker = sampler, balancer, tracker
         # `model` is what training calls (DDP/DeepSpeed wrapper); `module` the model itself.
         self.model, self.module, self.device = backend.model, backend.module, backend.device
         self.tasks = data.tasks
