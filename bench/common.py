@@ -1,8 +1,8 @@
 """What every benchmark shares: the composed config, the tokenized codetasks data, fresh copies of the
 tiny model, mtft's own Trainer run in-process with a timing sink, and robust statistics.
 
-Everything is built with mtft's own functions (the same code path as `mtft train`), so the benchmarks
-measure what a user runs.
+Everything is built with the recipe's own builders (`mtft.recipe.builders`, the code path of
+`mtft train`), so the benchmarks measure what a user runs.
 """
 
 from __future__ import annotations
@@ -23,17 +23,23 @@ import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+from transformers import PreTrainedTokenizerBase
 
 from mtft.data.collator import TaskCollator
-from mtft.data.mixture import TokenizedMixture, build_mixture, tokenize_mixture
+from mtft.data.mixture import TokenizedMixture
 from mtft.data.sampler import MixtureSampler, sequence_lengths
-from mtft.engine.backend import build_backend
-from mtft.engine.loop import Trainer
-from mtft.loggers.base import Row, Tracker
-from mtft.loggers.jsonl import JsonlSink
-from mtft.models.loading import load_model, load_tokenizer, resolve_path
+from mtft.loggers.base import Row
+from mtft.recipe.builders import (
+    Data,
+    build_backend,
+    build_balancer,
+    build_data,
+    build_model,
+    build_sampler,
+    build_tracker,
+    build_trainer,
+)
 from mtft.recipe.config import TrainConfig, conf_dir, register_configs
-from mtft.recipe.finetune import build_balancer
 
 ROOT = Path(__file__).resolve().parent.parent
 register_configs()
@@ -53,25 +59,31 @@ class Setup:
     cfg: TrainConfig
     data: TokenizedMixture
     model_path: str
-    pad_token_id: int
+    tokenizer: PreTrainedTokenizerBase
     lengths: list[int]
 
     @classmethod
     def load(cls, overrides: Sequence[str] = ()) -> Setup:
         cfg = compose_config(overrides)
-        cache_dir = Path(cfg.cache_dir).expanduser()
-        mixture = build_mixture(cfg.data, cache_dir)
-        path = resolve_path(cfg.model, cache_dir, mixture.corpus)
-        tokenizer = load_tokenizer(path, cfg.model)
-        data = tokenize_mixture(
-            mixture, tokenizer, cfg.data.max_length, cache_dir, cfg.data.truncation, cfg.model.prompt_format
+        built = build_data(cfg)
+        return cls(
+            cfg, built.mixture, built.model_path, built.tokenizer, sequence_lengths(built.mixture.train)
         )
-        return cls(cfg, data, path, tokenizer.pad_token_id, sequence_lengths(data.train))
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.tokenizer.pad_token_id
 
     def model(self) -> torch.nn.Module:
         """A fresh copy of the model, identical on every call (loaded from the same directory)."""
         torch.manual_seed(self.cfg.seed)
-        return load_model(self.model_path, self.cfg.model, self.cfg.peft)
+        return build_model(self.cfg, self.model_path, torch.device("cpu"))
+
+    def config(self, batch_size: int | None = None, group_by_length: bool = False) -> TrainConfig:
+        """The run's config with another batch size or length grouping."""
+        trainer = dataclasses.replace(self.cfg.trainer, batch_size=batch_size or self.cfg.trainer.batch_size)
+        data = dataclasses.replace(self.cfg.data, group_by_length=group_by_length)
+        return dataclasses.replace(self.cfg, trainer=trainer, data=data)
 
     def sampler(
         self,
@@ -80,16 +92,8 @@ class Setup:
         task_ids: Sequence[int] | None = None,
     ) -> MixtureSampler:
         """The run's sampler; `task_ids` relabels the same examples (the synthetic T-task splits)."""
-        return MixtureSampler(
-            self.data.train_task_ids if task_ids is None else task_ids,
-            batch_size or self.cfg.trainer.batch_size,
-            self.cfg.data.sampling,
-            self.cfg.data.temperature,
-            seed=self.cfg.seed,
-            lengths=self.lengths,
-            group_by_length=group_by_length,
-            group_batches=self.cfg.data.group_batches,
-        )
+        ids = self.data.train_task_ids if task_ids is None else list(task_ids)
+        return build_sampler(self.config(batch_size, group_by_length), ids, self.lengths)
 
     def collator(self) -> TaskCollator:
         return TaskCollator(self.pad_token_id)
@@ -114,6 +118,12 @@ class TimingSink:
             if row["split"] == "train" and row["task"] == "all":
                 self.stamps[row["step"]] = now
                 self.tokens[row["step"]] = int(row["tokens"])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}  # never resumed: a benchmark run is one uninterrupted fit
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Nothing to rewind."""
 
     def close(self) -> None:
         pass
@@ -162,27 +172,27 @@ def run_mtft(
 ) -> Timing:
     """Train with mtft's own Trainer (metrics.jsonl written as in a real run) and time every step."""
     data = data or setup.data
-    cfg = compose_config(list(balancer_overrides)) if balancer_overrides else setup.cfg
-    trainer_cfg = dataclasses.replace(
-        setup.cfg.trainer,
+    cfg = setup.config(batch_size, group_by_length)
+    cfg.trainer = dataclasses.replace(
+        cfg.trainer,
         max_steps=steps,
         eval_batches=1,
         eval_batch_size=4,  # the step-0 and final evaluations are outside the timed steps; keep them short
         save_interval=None,
         log_interval=1,
-        batch_size=batch_size or setup.cfg.trainer.batch_size,
         grad_accum=grad_accum,
     )
+    if balancer_overrides:
+        cfg.balancer = compose_config(list(balancer_overrides)).balancer
     balancer = build_balancer(cfg.balancer, data.tasks)
-    sampler = setup.sampler(trainer_cfg.batch_size, group_by_length, data.train_task_ids)
+    sampler = build_sampler(cfg, data.train_task_ids, setup.lengths)
     timing = TimingSink()
     with tempfile.TemporaryDirectory(prefix="mtft-bench-") as tmp:
         run_dir = Path(tmp)
-        tracker = Tracker([JsonlSink(run_dir / "metrics.jsonl"), timing])
-        backend = build_backend(setup.model(), trainer_cfg, None, torch.device("cpu"))
-        trainer = Trainer(
-            trainer_cfg, backend, data, setup.collator(), sampler, balancer, tracker, run_dir, setup.cfg.seed
-        )
+        tracker = build_tracker(cfg, run_dir, data.tasks, extra=[timing])
+        backend = build_backend(cfg, setup.model(), torch.device("cpu"))
+        built = Data(data, setup.tokenizer, setup.model_path)
+        trainer = build_trainer(cfg, backend, built, sampler, balancer, tracker, run_dir)
         try:
             trainer.fit()
         finally:

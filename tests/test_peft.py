@@ -25,12 +25,10 @@ from transformers import (
 from mtft.core.errors import MtftError
 from mtft.engine.config import TrainerConfig
 from mtft.models import adapters
-from mtft.models.adapters import apply_peft, count_parameters, quantization_config
+from mtft.models.adapters import apply_peft, check_adapter_support, count_parameters, quantization_config
 from mtft.models.config import LoraAdapterConfig, ModelConfig, QLoraAdapterConfig
 from mtft.models.export import main as export_main
 from mtft.models.loading import load_model, load_tokenizer, resolve_path
-from mtft.recipe import validate
-from mtft.recipe.validate import check_adapter_support
 
 from conftest import SMALL, read_metrics
 
@@ -242,7 +240,7 @@ def test_qlora_without_bitsandbytes_names_the_install_command(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     real = importlib.util.find_spec
     monkeypatch.setattr(
-        validate.importlib.util,
+        adapters.importlib.util,
         "find_spec",
         lambda name, *a: None if name == "bitsandbytes" else real(name, *a),
     )

@@ -12,18 +12,18 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from mtft.balancers import Uniform
 from mtft.core.errors import MtftError
-from mtft.data.collator import TaskCollator
+from mtft.data.config import DataConfig
 from mtft.data.jsonl import read_jsonl
 from mtft.data.mixture import Mixture, tokenize_mixture
-from mtft.data.sampler import MixtureSampler
-from mtft.engine.backend import TorchBackend, autocast_for
+from mtft.engine.backend import autocast_for
 from mtft.engine.config import TrainerConfig
 from mtft.engine.loop import Trainer
-from mtft.loggers.base import Tracker
-from mtft.loggers.jsonl import JsonlSink
+from mtft.loggers.config import LoggerConfig
 from mtft.models.config import ModelConfig
 from mtft.models.loading import load_tokenizer
 from mtft.models.tiny import train_tokenizer
+from mtft.recipe.builders import Data, build_backend, build_sampler, build_tracker, build_trainer
+from mtft.recipe.config import TrainConfig
 
 from conftest import ROOT, read_metrics
 
@@ -71,25 +71,20 @@ def make_trainer(tokenizer, run_dir: Path, nan_calls: set[int], **cfg) -> tuple[
             max_position_embeddings=64,
         )
     )
-    data = tokenize_mixture(small_mixture(), tokenizer, 64)
-    wrapped = NaNAt(model, nan_calls)
-    trainer_cfg = TrainerConfig(
-        batch_size=4, eval_batches=1, eval_batch_size=8, warmup_steps=0, save_interval=None, **cfg
+    data = Data(tokenize_mixture(small_mixture(), tokenizer, 64), tokenizer, model_path="")
+    train_cfg = TrainConfig(
+        trainer=TrainerConfig(
+            batch_size=4, eval_batches=1, eval_batch_size=8, warmup_steps=0, save_interval=None, **cfg
+        ),
+        data=DataConfig(source="jsonl"),
+        logger=LoggerConfig(progress=False),
     )
-    sampler = MixtureSampler(data.train_task_ids, trainer_cfg.batch_size, seed=0)
+    balancer = Uniform(data.tasks)
+    backend = build_backend(train_cfg, NaNAt(model, nan_calls), balancer, torch.device("cpu"))
+    sampler = build_sampler(train_cfg, data.mixture.train_task_ids)
     run_dir.mkdir(parents=True, exist_ok=True)
-    tracker = Tracker([JsonlSink(run_dir / "metrics.jsonl")])
-    trainer = Trainer(
-        trainer_cfg,
-        TorchBackend(wrapped, trainer_cfg, torch.device("cpu")),
-        data,
-        TaskCollator(tokenizer.pad_token_id),
-        sampler,
-        Uniform(data.tasks),
-        tracker,
-        run_dir,
-    )
-    return trainer, model
+    tracker = build_tracker(train_cfg, run_dir, data.tasks)
+    return build_trainer(train_cfg, backend, data, sampler, balancer, tracker, run_dir), model
 
 
 def test_nonfinite_loss_skips_the_update_and_is_logged(tokenizer, tmp_path):

@@ -313,3 +313,119 @@ def test_wandb_sink_is_not_started_when_disabled(tmp_path):
     sinks = build_sinks(cfg, tmp_path, TASKS)
     assert [type(s).__name__ for s in sinks] == ["JsonlSink", "ConsoleSink"]
     assert not (tmp_path / "wandb").exists() and not (tmp_path / "tensorboard").exists()
+
+
+# --- sink state: each sink rewinds itself to a checkpoint -------------------------------------------
+
+
+def _rows(step: int) -> list[dict]:
+    return [{"step": step, "split": "train", "task": "all", "loss": float(step), "tokens_per_s": 1.0}]
+
+
+def test_jsonl_sink_rewinds_to_its_offset(tmp_path):
+    from mtft.loggers.jsonl import JsonlSink
+
+    path = tmp_path / "metrics.jsonl"
+    first = JsonlSink(path)
+    first.write(_rows(1))
+    state = first.state_dict()
+    first.write(_rows(2))  # written after the checkpoint: to be replayed
+    first.close()
+
+    resumed = JsonlSink(path)
+    resumed.load_state_dict(state)
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1]  # cut back at load, before any write
+    resumed.write(_rows(2))
+    assert resumed.state_dict()["offset"] == path.stat().st_size
+    resumed.close()
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
+
+
+def test_jsonl_sink_not_restored_starts_its_file_afresh(tmp_path):
+    """An attempt that died before its first checkpoint leaves rows that a fresh start replays."""
+    from mtft.loggers.jsonl import JsonlSink
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0, "split": "val", "task": "all", "loss": 1.0}\n')
+    sink = JsonlSink(tmp_path / "metrics.jsonl")
+    assert sink.state_dict() == {"offset": 0}
+    sink.write(_rows(1))
+    sink.close()
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1]
+
+
+def test_tracker_keys_sink_states_by_kind(tmp_path):
+    from mtft.loggers.base import Tracker
+    from mtft.loggers.jsonl import JsonlSink
+
+    console = ConsoleSink(TASKS, max_steps=4, progress=False)
+    tracker = Tracker([JsonlSink(tmp_path / "metrics.jsonl"), console])
+    tracker.log(_rows(1))
+    state = tracker.state_dict()
+    assert state == {"JsonlSink": {"offset": (tmp_path / "metrics.jsonl").stat().st_size}, "ConsoleSink": {}}
+    tracker.log(_rows(2))
+    tracker.close()
+    Tracker([JsonlSink(tmp_path / "metrics.jsonl"), console]).load_state_dict(state)
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1]
+    with pytest.raises(ValueError, match="one sink of each kind"):
+        Tracker([console, console])
+
+
+def _scalar_steps(log_dir: Path, tag: str) -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    return [e.step for e in events.Scalars(tag)]
+
+
+def test_tensorboard_sink_purges_the_steps_it_replays(tmp_path):
+    from mtft.loggers.config import TensorboardConfig
+    from mtft.loggers.tensorboard import TensorboardSink
+
+    ctx = RunContext(run_dir=tmp_path)
+    first = TensorboardSink(TensorboardConfig(enabled=True), ctx)
+    for step in (1, 2):
+        first.write(_rows(step))
+    state = first.state_dict()
+    assert state == {"step": 2}
+    first.write(_rows(3))
+    first.close()
+
+    resumed = TensorboardSink(TensorboardConfig(enabled=True), ctx)
+    resumed.load_state_dict(state)
+    for step in (3, 4):
+        resumed.write(_rows(step))
+    resumed.close()
+    assert _scalar_steps(tmp_path / "tensorboard", "train/loss") == [1, 2, 3, 4]
+
+
+def test_wandb_sink_continues_the_checkpoints_run(tmp_path, monkeypatch):
+    import wandb
+
+    from mtft.loggers.wandb import WandbSink
+
+    started: list[dict] = []
+
+    class FakeRun:
+        id, step = "ckpt1234", 3
+
+        def log(self, values, step):
+            started[-1].setdefault("logged", []).append(step)
+
+        def finish(self):
+            pass
+
+    def init(**kwargs):
+        started.append(kwargs)
+        return FakeRun()
+
+    monkeypatch.setattr(wandb, "init", init)
+    sink = WandbSink(WandbConfig(enabled=True, mode="offline"), RunContext(run_dir=tmp_path))
+    assert started == []  # the W&B run starts with the first row, once resume is known
+    sink.load_state_dict({"run_id": "ckpt1234"})
+    for step in (2, 3):
+        sink.write(_rows(step))
+    sink.close()
+    assert started[0]["id"] == "ckpt1234" and started[0]["resume"] == "allow"
+    assert started[0]["logged"] == [3]  # step 2 is already in the W&B run
+    assert sink.state_dict() == {"run_id": "ckpt1234"}

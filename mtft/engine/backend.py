@@ -114,6 +114,7 @@ class TorchBackend:
         return self.scheduler.get_last_lr()[0]
 
     def state_dict(self) -> dict[str, Any]:
+        """Model (trainable tensors only under adapters), optimizer and schedule: all in `state.pt`."""
         return {
             "model": model_state(self.module),
             "optimizer": self.optimizer.state_dict(),
@@ -124,12 +125,6 @@ class TorchBackend:
         load_model_state(self.module, state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-
-    def save_engine(self, directory: Path) -> None:
-        """Engine-owned checkpoint files (none: model and optimizer travel in `state_dict`)."""
-
-    def load_engine(self, directory: Path) -> None:
-        """Counterpart of `save_engine`."""
 
     def save_pretrained(self, directory: Path) -> None:
         """The final model in `save_pretrained` layout (adapters only under PEFT), from rank 0."""
@@ -202,13 +197,14 @@ class DeepSpeedBackend:
         return {}  # model, optimizer and schedule are in DeepSpeed's own checkpoint files
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Nothing: see `load_engine`."""
+        """Nothing: see `load_files`."""
 
-    def save_engine(self, directory: Path) -> None:
+    def save_files(self, directory: Path) -> None:
         """DeepSpeed's checkpoint (every rank writes its shards), through its own API."""
         self.engine.save_checkpoint(str(directory), tag=self.ENGINE_TAG)
 
-    def load_engine(self, directory: Path) -> None:
+    def load_files(self, directory: Path) -> None:
+        """Counterpart of `save_files`, on every rank, before any other component is restored."""
         path, _ = self.engine.load_checkpoint(
             str(directory), tag=self.ENGINE_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
         )
@@ -225,11 +221,3 @@ class DeepSpeedBackend:
 
 
 Backend = TorchBackend | DeepSpeedBackend
-
-
-def build_backend(
-    module: torch.nn.Module, cfg: TrainerConfig, ds_cfg: DeepSpeedConfig | None, device: torch.device
-) -> Backend:
-    if ds_cfg is None:
-        return TorchBackend(module, cfg, device)
-    return DeepSpeedBackend(module, cfg, ds_cfg, device)

@@ -1,13 +1,16 @@
 """Checkpoints that resume a run exactly, written atomically, from one process or many.
 
-A checkpoint is a directory `checkpoints/step-XXXXXXXX/` holding `state.pt` (written by rank 0: the
-model, optimizer and scheduler unless the engine keeps its own files, the balancer, the sampler
-position, the metrics.jsonl byte offset and the trainer's running totals), `rng-rank<r>.pt` (every
-RNG state of each rank), the engine's own files if it has any (DeepSpeed's `deepspeed/`), and
-`meta.json` (step, mean validation loss). It is written into a temporary directory and renamed into
-place once every rank has finished, so a kill during a save never leaves a directory that looks
-complete: incomplete ones keep their `.tmp-` name and are ignored (and removed by the next save).
-Everything is loaded with `torch.load(weights_only=True)`: no pickled code is ever executed.
+One `Checkpointer` saves and restores a set of named components, each of which owns its state
+(`state_dict`/`load_state_dict`): the backend (model, optimizer, schedule), the balancer, the sampler
+position, the trainer's progress, and, per rank, the RNG states and the tracker (each sink's position
+in its own files). Nothing else knows the layout. A checkpoint is a directory
+`checkpoints/step-XXXXXXXX/` holding `state.pt` (written by rank 0: the components every rank shares),
+`rng-rank<r>.pt` (each rank's own components: its RNG states and its sinks), the files of components
+that keep their own (DeepSpeed's `deepspeed/`), and `meta.json` (step, mean validation loss). It is
+written into a temporary directory and renamed into place once every rank has finished, so a kill
+during a save never leaves a directory that looks complete: incomplete ones keep their `.tmp-` name
+and are ignored (and removed by the next save). Everything is loaded with
+`torch.load(weights_only=True)`: no pickled code is ever executed.
 """
 
 from __future__ import annotations
@@ -18,43 +21,70 @@ import os
 import random
 import re
 import shutil
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
 from mtft.core.dist import barrier, rank
 from mtft.core.errors import MtftError
+from mtft.core.rundir import CHECKPOINTS
 
 log = logging.getLogger("mtft")
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
+SHARED_STATE = "state.pt"
+META = "meta.json"
 
 
-def rng_state(generator: torch.Generator) -> dict[str, Any]:
-    """Every random number generator a step can touch, in types `weights_only` loading accepts."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
-        "torch": torch.get_rng_state(),
-        "probe": generator.get_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def rank_state_file(r: int) -> str:
+    """The file of rank `r`'s own components (named for its first tenant, the RNG states)."""
+    return f"rng-rank{r}.pt"
 
 
-def restore_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
-    random.setstate(_tuples(state["python"]))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    generator.set_state(state["probe"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+class Stateful(Protocol):
+    """A component that can be checkpointed: its whole state as tensors and plain Python values."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@runtime_checkable
+class KeepsFiles(Protocol):
+    """A component that writes (part of) its state as its own files, on every rank (DeepSpeed)."""
+
+    def save_files(self, directory: Path) -> None: ...
+    def load_files(self, directory: Path) -> None: ...
+
+
+class RngState:
+    """Every random number generator a step can touch (plus the loop's probe generator), as a component."""
+
+    def __init__(self, generator: torch.Generator) -> None:
+        self.generator = generator
+
+    def state_dict(self) -> dict[str, Any]:
+        """In types `weights_only` loading accepts (numpy's state as lists)."""
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        state: dict[str, Any] = {
+            "python": random.getstate(),
+            "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+            "torch": torch.get_rng_state(),
+            "probe": self.generator.get_state(),
+        }
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        random.setstate(_tuples(state["python"]))
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+        torch.set_rng_state(state["torch"])
+        self.generator.set_state(state["probe"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _tuples(x: Any) -> Any:
@@ -62,46 +92,63 @@ def _tuples(x: Any) -> Any:
     return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-def checkpoint_dirs(root: Path) -> list[Path]:
-    """Complete checkpoints under `root`, oldest first."""
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found) if (p / "meta.json").is_file() and (p / "state.pt").is_file()]
+class Checkpointer:
+    """Saves and restores named components under `<run dir>/checkpoints/`.
 
+    `shared` components hold the same state on every rank, so rank 0 alone writes them; `per_rank`
+    ones differ between ranks (RNG streams, a rank's own metrics file), so each rank writes its own.
+    Components that keep files (`KeepsFiles`) write them on every rank, before any state is loaded
+    back, since their files may carry what their `state_dict` leaves out.
+    """
 
-def save_checkpoint(
-    root: Path,
-    step: int,
-    state: dict[str, Any],
-    rng: dict[str, Any],
-    val_mean: float | None,
-    keep: int,
-    save_engine: Callable[[Path], None],
-) -> Path:
-    """Write `step` atomically (every rank calls this), then keep the last `keep` plus the best."""
-    final = root / f"step-{step:08d}"
-    tmp = root / f".tmp-step-{step:08d}"
-    if rank() == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(".tmp-*"):  # left by a run killed mid-save
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir()
-    barrier()
-    save_engine(tmp)
-    torch.save(rng, tmp / f"rng-rank{rank()}.pt")
-    barrier()
-    if rank() == 0:
-        torch.save(state, tmp / "state.pt")
-        (tmp / "meta.json").write_text(json.dumps({"step": step, "val_mean": val_mean}) + "\n")
-        _fsync_tree(tmp)
-        if final.exists():  # re-saving a step (e.g. after a resume): replace it whole
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        _prune(root, keep)
-    barrier()
-    return final
+    def __init__(
+        self, run_dir: Path, shared: dict[str, Stateful], per_rank: dict[str, Stateful], keep: int
+    ) -> None:
+        self.root = run_dir / CHECKPOINTS
+        self.shared, self.per_rank, self.keep = shared, per_rank, keep
+
+    def _with_files(self) -> list[KeepsFiles]:
+        return [c for c in [*self.shared.values(), *self.per_rank.values()] if isinstance(c, KeepsFiles)]
+
+    def save(self, step: int, val_mean: float | None) -> Path:
+        """Write `step` atomically (every rank calls this), then keep the last `keep` plus the best."""
+        final = self.root / f"step-{step:08d}"
+        tmp = self.root / f".tmp-step-{step:08d}"
+        if rank() == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stale in self.root.glob(".tmp-*"):  # left by a run killed mid-save
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir()
+        barrier()
+        for component in self._with_files():
+            component.save_files(tmp)
+        torch.save(_states(self.per_rank), tmp / rank_state_file(rank()))
+        barrier()
+        if rank() == 0:
+            torch.save({"step": step, **_states(self.shared)}, tmp / SHARED_STATE)
+            (tmp / META).write_text(json.dumps({"step": step, "val_mean": val_mean}) + "\n")
+            _fsync_tree(tmp)
+            if final.exists():  # re-saving a step (e.g. after a resume): replace it whole
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(self.root)
+            _prune(self.root, self.keep)
+        barrier()
+        log.info("step %d: checkpoint saved to %s", step, final)
+        return final
+
+    def load(self, path: Path) -> int:
+        """Restore every component from the checkpoint at `path`; returns its step."""
+        shared, own = _read(path)
+        for component in self._with_files():
+            component.load_files(path)
+        for states, components in ((shared, self.shared), (own, self.per_rank)):
+            for name, component in components.items():
+                if name not in states:
+                    raise MtftError(f"checkpoint {path} has no state for '{name}' (written by another mtft?)")
+                component.load_state_dict(states[name])
+        log.info("resumed from %s at step %d", path, shared["step"])
+        return int(shared["step"])
 
 
 def _fsync_tree(path: Path) -> None:
@@ -120,9 +167,17 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def checkpoint_dirs(root: Path) -> list[Path]:
+    """Complete checkpoints under `root`, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found) if (p / META).is_file() and (p / SHARED_STATE).is_file()]
+
+
 def _prune(root: Path, keep: int) -> None:
     dirs = checkpoint_dirs(root)
-    scored = [(json.loads((d / "meta.json").read_text()).get("val_mean"), d) for d in dirs]
+    scored = [(json.loads((d / META).read_text()).get("val_mean"), d) for d in dirs]
     best = min(((v, d) for v, d in scored if v is not None), default=(None, None), key=lambda x: x[0])[1]
     for d in dirs[: max(len(dirs) - keep, 0)]:
         if d != best:
@@ -132,25 +187,29 @@ def _prune(root: Path, keep: int) -> None:
 def find_checkpoint(run_dir: Path, resume: str) -> Path | None:
     """`auto`: the latest complete checkpoint in the run dir (None if there is none); else a path."""
     if resume == "auto":
-        dirs = checkpoint_dirs(run_dir / "checkpoints")
+        dirs = checkpoint_dirs(run_dir / CHECKPOINTS)
         return dirs[-1] if dirs else None
     path = Path(resume).expanduser()
-    if not (path / "state.pt").is_file():
-        raise MtftError(f"trainer.resume={resume}: no checkpoint there (expected {path / 'state.pt'})")
+    if not (path / SHARED_STATE).is_file():
+        raise MtftError(f"trainer.resume={resume}: no checkpoint there (expected {path / SHARED_STATE})")
     return path
 
 
-def load_state(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The trainer state and this rank's RNG states of the checkpoint at `path`."""
+def _states(components: dict[str, Stateful]) -> dict[str, Any]:
+    return {name: component.state_dict() for name, component in components.items()}
+
+
+def _read(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The shared state and this rank's own state of the checkpoint at `path`."""
     try:
-        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-        rng_file = path / f"rng-rank{rank()}.pt"
-        if not rng_file.is_file():
+        shared = torch.load(path / SHARED_STATE, map_location="cpu", weights_only=True)
+        own_file = path / rank_state_file(rank())
+        if not own_file.is_file():
             raise MtftError(
-                f"checkpoint {path} has no RNG state for rank {rank()}: it was written by fewer processes; "
+                f"checkpoint {path} has no state for rank {rank()}: it was written by fewer processes; "
                 "resume with the same number of processes"
             )
-        return state, torch.load(rng_file, map_location="cpu", weights_only=True)
+        return shared, torch.load(own_file, map_location="cpu", weights_only=True)
     except MtftError:
         raise
     except Exception as e:  # a checkpoint that is not ours, or damaged

@@ -14,7 +14,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from mtft.data.collator import TaskCollator
 from mtft.data.mixture import TokenizedMixture
 from mtft.data.sampler import MixtureSampler
 from mtft.engine.backend import Backend
-from mtft.engine.checkpoint import load_state, restore_rng_state, rng_state, save_checkpoint
+from mtft.engine.checkpoint import Checkpointer, RngState
 from mtft.engine.config import TrainerConfig
 from mtft.engine.evaluation import fixed_eval_rows, random_eval_rows, task_losses
 from mtft.engine.loss import per_task_token_loss
@@ -37,8 +37,19 @@ from mtft.loggers.base import Row, Tracker
 log = logging.getLogger("mtft")
 
 
+class DataclassState:
+    """`state_dict`/`load_state_dict` for a dataclass of plain values: its fields, as they are."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for f in fields(self):  # type: ignore[arg-type]
+            setattr(self, f.name, state[f.name])
+
+
 @dataclass
-class TrainResult:
+class TrainResult(DataclassState):
     steps: int = 0  # optimizer steps taken (fewer than max_steps after early stopping)
     val_history: dict[int, list[float]] = field(default_factory=dict)  # step -> loss per task
     train_tokens: int = 0
@@ -52,7 +63,7 @@ class TrainResult:
 
 
 @dataclass
-class Progress:
+class Progress(DataclassState):
     """What the loop carries from step to step beyond the model: checkpointed with it."""
 
     streak: int = 0  # consecutive non-finite steps
@@ -113,6 +124,9 @@ def peak_rss_mb() -> float:
 
 
 class Trainer:
+    """The loop over steps; it owns its progress (`result`, `progress`) and the checkpointer that
+    saves and restores every component it was handed."""
+
     def __init__(
         self,
         cfg: TrainerConfig,
@@ -126,24 +140,37 @@ class Trainer:
         seed: int = 0,
     ) -> None:
         self.cfg, self.backend, self.data, self.collator = cfg, backend, data, collator
-        self.sampler, self.balancer, self.tracker, self.seed = sampler, balancer, tracker, seed
+        self.sampler, self.balancer, self.tracker = sampler, balancer, tracker
         # `model` is what training calls (DDP/DeepSpeed wrapper); `module` the model itself.
         self.model, self.module, self.device = backend.model, backend.module, backend.device
-        self.run_dir = run_dir
-        self.metrics_path = run_dir / "metrics.jsonl"
         self.tasks = data.tasks
         self.autocast = backend.autocast
         self.eval_rows = fixed_eval_rows(data, cfg.eval_batches * cfg.eval_batch_size)
+        self.result, self.progress = TrainResult(), Progress()
+        # Draws the probe batches of balancers that validate as they train (CoBa).
+        self.probe_rng = torch.Generator().manual_seed(seed)
+        self.checkpointer = Checkpointer(
+            run_dir,
+            shared={
+                "backend": backend,
+                "balancer": balancer,
+                "sampler": sampler,
+                "result": self.result,
+                "progress": self.progress,
+            },
+            per_rank={"rng": RngState(self.probe_rng), "tracker": tracker},
+            keep=cfg.keep_checkpoints,
+        )
 
     def _val_losses(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         return task_losses(
             self.module, self.data, rows, self.collator, self.cfg.eval_batch_size, self.device, self.autocast
         )
 
-    def evaluate(self, step: int, result: TrainResult) -> torch.Tensor:
+    def evaluate(self, step: int) -> torch.Tensor:
         losses, _ = self._val_losses(self.eval_rows)
         values = losses.tolist()
-        result.val_history[step] = values
+        self.result.val_history[step] = values
         rows: list[Row] = [
             {"step": step, "split": "val", "task": t, "loss": _finite_or_none(v)}
             for t, v in zip(self.tasks, values, strict=True)
@@ -168,22 +195,19 @@ class Trainer:
     def fit(self, resume_from: Path | None = None) -> TrainResult:
         """Train to `max_steps` (or early stop), from scratch or from the checkpoint `resume_from`."""
         cfg, backend, balancer = self.cfg, self.backend, self.balancer
-        result, progress = TrainResult(), Progress()
-        probe_rng = torch.Generator().manual_seed(self.seed)
+        result, progress = self.result, self.progress
         balancer.setup(self.module)
         # Made before any RNG state is restored (making it draws from torch's RNG); the sampler's
         # position is read at the first batch, so a restored sampler still applies.
         batches = iter(DataLoader(self.data.train, batch_sampler=self.sampler, collate_fn=self.collator))
         if resume_from is None:
             first_step = 1
-            # Rows of an earlier attempt that died before its first checkpoint are replayed exactly.
-            if rank() == 0:
-                self.metrics_path.unlink(missing_ok=True)
-            initial = self.evaluate(0, result)
+            initial = self.evaluate(0)
             balancer.observe_val(0, initial, torch.ones_like(initial, dtype=torch.bool))
-            self._early_stopping(initial, result, progress)
+            self._early_stopping(initial)
         else:
-            first_step = self._restore(resume_from, result, progress, probe_rng)
+            # Every component, the sinks included, rewinds to the checkpoint: replayed steps log once.
+            first_step = self.checkpointer.load(resume_from) + 1
         self.model.train()
 
         with StopSignal() as stop:
@@ -194,9 +218,9 @@ class Trainer:
                 applied, grad_norm = backend.step(skip=bool(stats.bad_tasks) or not math.isfinite(stats.loss))
                 if applied:
                     progress.streak = 0
-                    self._observe(step, stats, probe_rng)
+                    self._observe(step, stats)
                 else:
-                    self._skip(step, stats.bad_tasks, result, progress)
+                    self._skip(step, stats.bad_tasks)
                 elapsed = time.perf_counter() - t0
                 result.train_tokens += stats.tokens
                 result.train_seconds += elapsed
@@ -208,13 +232,13 @@ class Trainer:
                         step, stats, weights, elapsed, grad_norm, backend.lr(), not applied
                     )
                     self.tracker.log(rows)
-                self._check_streak(step, stats.bad_tasks, progress)
+                self._check_streak(step, stats.bad_tasks)
                 if step % cfg.eval_interval == 0 or last:
-                    self._early_stopping(self.evaluate(step, result), result, progress)
+                    self._early_stopping(self.evaluate(step))
                     last = last or result.stopped_early
                 stopping = _any_rank(stop.signum is not None)  # every rank stops at the same step
                 if last or (cfg.save_interval and step % cfg.save_interval == 0) or stopping:
-                    path = self._save(step, result, progress, probe_rng)
+                    path = self._save(step)
                     if stopping and not last:
                         raise Interrupted(step, str(path))
                 if result.stopped_early:
@@ -250,7 +274,7 @@ class Trainer:
                 self.backend.backward(loss * world_size() / self.cfg.grad_accum)
         return stats
 
-    def _observe(self, step: int, stats: StepStats, probe_rng: torch.Generator) -> None:
+    def _observe(self, step: int, stats: StepStats) -> None:
         """Show the balancer the step that was just taken (and, if it asks, fresh validation losses)."""
         balancer = self.balancer
         if balancer.recompute_after_step:
@@ -263,7 +287,7 @@ class Trainer:
             # reference (MFTCoder's eval batch = train batch), not `eval_batch_size`: the probe runs
             # every step. The ranks draw the same global rows and each evaluates its own share.
             n = balancer.val_batches * self.cfg.batch_size * world_size()
-            rows = random_eval_rows(self.data, n, probe_rng)[rank() :: world_size()]
+            rows = random_eval_rows(self.data, n, self.probe_rng)[rank() :: world_size()]
             balancer.observe_val(
                 step,
                 *task_losses(
@@ -277,23 +301,26 @@ class Trainer:
                 ),
             )
 
-    def _skip(self, step: int, bad_tasks: set[str], result: TrainResult, progress: Progress) -> None:
+    def _skip(self, step: int, bad_tasks: set[str]) -> None:
         """A non-finite loss or gradient: no update this step (the caller logs the step's rows)."""
-        result.skipped_steps += 1
+        progress = self.progress
+        self.result.skipped_steps += 1
         progress.streak += 1
         log.warning(
             "step %d: non-finite %s; update skipped (%d in a row)", step, _what(bad_tasks), progress.streak
         )
 
-    def _check_streak(self, step: int, bad_tasks: set[str], progress: Progress) -> None:
+    def _check_streak(self, step: int, bad_tasks: set[str]) -> None:
         """Too many non-finite steps in a row stop the run with a message naming the step and tasks."""
+        progress = self.progress
         if progress.streak > self.cfg.max_nonfinite_steps:
             raise MtftError(
                 f"non-finite {_what(bad_tasks)} at step {step}, {progress.streak} steps in a row "
                 f"(trainer.max_nonfinite_steps={self.cfg.max_nonfinite_steps}); lower trainer.lr or check the data"
             )
 
-    def _early_stopping(self, val: torch.Tensor, result: TrainResult, progress: Progress) -> None:
+    def _early_stopping(self, val: torch.Tensor) -> None:
+        progress = self.progress
         mean = float(val.mean())
         if mean < progress.best_val - self.cfg.early_stopping_min_delta:
             progress.best_val, progress.evals_without_improvement = mean, 0
@@ -306,52 +333,13 @@ class Trainer:
                 progress.best_val,
                 patience,
             )
-            result.stopped_early = True
+            self.result.stopped_early = True
 
-    def _save(self, step: int, result: TrainResult, progress: Progress, probe_rng: torch.Generator) -> Path:
+    def _save(self, step: int) -> Path:
         """Everything the loop needs to continue after `step` as if it had never stopped."""
-        state = {
-            "step": step,
-            "backend": self.backend.state_dict(),
-            "balancer": self.balancer.state_dict(),
-            "sampler": self.sampler.state_dict(),
-            "metrics_offset": self.metrics_path.stat().st_size if self.metrics_path.exists() else 0,
-            "result": asdict(result),
-            "progress": asdict(progress),
-        }
-        history = result.val_history
+        history = self.result.val_history
         val_mean = sum(history[max(history)]) / len(self.tasks) if history else None
-        path = save_checkpoint(
-            self.run_dir / "checkpoints",
-            step,
-            state,
-            rng_state(probe_rng),
-            val_mean,
-            self.cfg.keep_checkpoints,
-            self.backend.save_engine,
-        )
-        log.info("step %d: checkpoint saved to %s", step, path)
-        return path
-
-    def _restore(
-        self, path: Path, result: TrainResult, progress: Progress, probe_rng: torch.Generator
-    ) -> int:
-        """Load a checkpoint; returns the first step still to run. metrics.jsonl is cut back to it."""
-        state, rng = load_state(path)
-        self.backend.load_engine(path)
-        self.backend.load_state_dict(state["backend"])
-        self.balancer.load_state_dict(state["balancer"])
-        self.sampler.load_state_dict(state["sampler"])
-        restore_rng_state(rng, probe_rng)
-        for key, value in state["result"].items():
-            setattr(result, key, value)
-        for key, value in state["progress"].items():
-            setattr(progress, key, value)
-        if rank() == 0:
-            with self.metrics_path.open("r+b") as fh:  # rows written after the checkpoint are replayed
-                fh.truncate(state["metrics_offset"])
-        log.info("resumed from %s at step %d", path, state["step"])
-        return state["step"] + 1
+        return self.checkpointer.save(step, val_mean)
 
     @torch.no_grad()
     def _forward_no_grad(

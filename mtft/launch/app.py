@@ -45,7 +45,7 @@ def main(cfg: DictConfig) -> None:
         else:
             from mtft.recipe.finetune import train
 
-            train(typed, run_dir, typed.balancer.name)
+            train(typed, run_dir)
     except MtftError as e:
         log.error("error: %s", e)
         sys.exit(2)

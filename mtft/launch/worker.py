@@ -42,7 +42,7 @@ def main(argv: list[str]) -> int:
 
     try:
         cfg = load_launch_config(config_path)
-        train(cfg, run_dir, cfg.balancer.name)
+        train(cfg, run_dir)
     except MtftError as e:
         log.error("error: %s", e)
         return 2

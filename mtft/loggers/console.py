@@ -6,6 +6,7 @@ import logging
 import math
 import sys
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.logging import RichHandler
@@ -76,7 +77,7 @@ class ConsoleSink:
 
     def _train(self, row: Row, rows: list[Row]) -> None:
         weights = " ".join(f"{r['weight']:.2f}" for r in rows if r["split"] == "train" and r["task"] != "all")
-        stats = f"loss {row['loss']:.3f}  {row['tokens_per_s']:,.0f} tok/s  w [{weights}]"
+        stats = f"loss {_fmt(row['loss'])}  {row['tokens_per_s']:,.0f} tok/s  w [{weights}]"
         if self.progress is not None:
             self.progress.update(self.bar, completed=row["step"], stats=stats)
         elif row["step"] % self.every == 0:
@@ -86,6 +87,12 @@ class ConsoleSink:
         by_task = {r["task"]: r["loss"] for r in rows if r["split"] == "val"}
         parts = "  ".join(f"{t} {_fmt(by_task.get(t))}" for t in self.tasks)
         log.info("step %d  val  %s  | mean %s", step, parts, _fmt(by_task.get("all")))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}  # the console keeps nothing: a resumed run's lines simply follow the earlier ones
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Nothing to rewind."""
 
     def close(self) -> None:
         if self.progress is not None:

@@ -7,6 +7,7 @@ removed) is stored once as text, so `tensorboard --logdir multirun/...` shows wh
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -16,22 +17,46 @@ from mtft.loggers.series import Row, series_by_step
 
 
 class TensorboardSink:
-    """Scalars per step; flushed after every evaluation so a killed run keeps its curves."""
+    """Scalars per step; flushed after every evaluation so a killed run keeps its curves.
+
+    Event files are append-only, so a resumed run cannot cut them back; instead its writer opens with
+    `purge_step` = the checkpoint's step + 1, which tells TensorBoard to hide every earlier event from
+    that step on, so the replayed steps show once. A run that was not restored purges from step 0
+    (an attempt that died before its first checkpoint). The writer opens with the first row, once it
+    is known which of the two this run is.
+    """
 
     def __init__(self, cfg: TensorboardConfig, ctx: RunContext) -> None:
+        self.log_dir = Path(cfg.log_dir) if cfg.log_dir else ctx.run_dir / "tensorboard"
+        self.ctx = ctx
+        self.step = -1  # the last step written (or restored)
+        self._writer: Any = None
+
+    def _open(self) -> Any:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.log_dir = Path(cfg.log_dir) if cfg.log_dir else ctx.run_dir / "tensorboard"
-        self.writer = SummaryWriter(log_dir=str(self.log_dir))
-        config = yaml.safe_dump({**ctx.config, "choices": ctx.choices}, sort_keys=False)
-        self.writer.add_text("config", f"```yaml\n{config}```", global_step=0)
+        writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=self.step + 1)
+        if self.step < 0:
+            config = yaml.safe_dump({**self.ctx.config, "choices": self.ctx.choices}, sort_keys=False)
+            writer.add_text("config", f"```yaml\n{config}```", global_step=0)
+        return writer
 
     def write(self, rows: list[Row]) -> None:
+        if self._writer is None:
+            self._writer = self._open()
         for step, values in sorted(series_by_step(rows).items()):
             for name, value in values.items():
-                self.writer.add_scalar(name, value, global_step=step)
+                self._writer.add_scalar(name, value, global_step=step)
+            self.step = max(self.step, step)
         if any(row["split"] == "val" for row in rows):
-            self.writer.flush()
+            self._writer.flush()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
 
     def close(self) -> None:
-        self.writer.close()
+        if self._writer is not None:
+            self._writer.close()

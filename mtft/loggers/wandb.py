@@ -45,29 +45,52 @@ def previous_run_id(ctx: RunContext) -> str | None:
 
 
 class WandbSink:
-    """Logs each write's rows as one W&B step; `close` finishes the run."""
+    """Logs each write's rows as one W&B step; `close` finishes the run.
+
+    Its state is the W&B run id: a run restored from a checkpoint continues that W&B run (and one
+    that was not, the latest W&B run in the run dir, left by an attempt that died before its first
+    checkpoint). W&B steps only go forward, so the steps it already has are skipped when replayed.
+    The W&B run starts with the first row, once it is known which run to continue.
+    """
 
     def __init__(self, cfg: WandbConfig, ctx: RunContext) -> None:
+        self.kwargs = init_kwargs(cfg, ctx)
+        self.ctx = ctx
+        self.run_id: str | None = None
+        self.run: Any = None
+
+    def _start(self) -> Any:
         import wandb
 
-        kwargs = init_kwargs(cfg, ctx)
-        run_id = previous_run_id(ctx)
+        kwargs = dict(self.kwargs)
+        run_id = self.run_id or previous_run_id(self.ctx)
         if run_id:
             kwargs.update(id=run_id, resume="allow")
         # console="off": the run dir already has the console log (train.log), and the live progress
         # bar stays intact.
         try:
-            self.run = wandb.init(**kwargs, settings=wandb.Settings(console="off"))
+            run = wandb.init(**kwargs, settings=wandb.Settings(console="off"))
         except wandb.errors.Error as e:
             raise MtftError(
                 f"wandb could not start a run: {e} (no network or no login? try logger.wandb.mode=offline)"
             ) from None
+        self.run_id = run.id
+        return run
 
     def write(self, rows: list[Row]) -> None:
+        if self.run is None:
+            self.run = self._start()
         for step, values in sorted(series_by_step(rows).items()):
             if step < self.run.step:
                 continue  # a resumed run replays steps W&B already has; W&B steps only go forward
             self.run.log(values, step=step)
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"run_id": self.run_id}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.run_id = state["run_id"]
+
     def close(self) -> None:
-        self.run.finish()
+        if self.run is not None:
+            self.run.finish()

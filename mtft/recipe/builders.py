@@ -1,24 +1,73 @@
 """The recipe's named steps, each building one component from the validated config.
 
-`mtft.recipe.finetune` calls them in order (data -> model -> engine -> balancer -> loggers -> loop);
-tests and `bench/` call the same builders instead of wiring components by hand.
+`mtft.recipe.finetune` calls them in order (data -> balancer -> model -> backend -> sampler ->
+tracker -> trainer); tests and `bench/` call the same builders instead of wiring components by hand,
+so what they exercise is what `mtft train` runs.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
+from transformers import PreTrainedTokenizerBase
 
 from mtft.balancers import Balancer
-from mtft.core.dist import rank
-from mtft.loggers.base import Sink
+from mtft.core.dist import rank, world_size
+from mtft.core.errors import MtftError
+from mtft.core.rundir import METRICS, rank_metrics
+from mtft.data.collator import TaskCollator
+from mtft.data.mixture import TokenizedMixture, build_mixture, tokenize_mixture
+from mtft.data.sampler import MixtureSampler
+from mtft.engine.backend import Backend, DeepSpeedBackend, TorchBackend
+from mtft.engine.loop import Trainer
+from mtft.loggers.base import Sink, Tracker
 from mtft.loggers.console import ConsoleSink
 from mtft.loggers.context import run_context
 from mtft.loggers.jsonl import JsonlSink
+from mtft.models.adapters import apply_peft
+from mtft.models.loading import load_model, load_tokenizer, resolve_path
 from mtft.recipe.config import TrainConfig
+
+log = logging.getLogger("mtft")
+
+
+@dataclass
+class Data:
+    """The tokenized task mixture, with the tokenizer it was tokenized by and the model that goes with it."""
+
+    mixture: TokenizedMixture
+    tokenizer: PreTrainedTokenizerBase
+    model_path: str  # resolved: the embedded model is built into the cache on first use
+
+    @property
+    def tasks(self) -> list[str]:
+        return self.mixture.tasks
+
+
+def build_data(cfg: TrainConfig) -> Data:
+    """Read (or build) the task mixture and tokenize it for the configured model; both are cached."""
+    cache_dir = Path(cfg.cache_dir).expanduser()
+    mixture = build_mixture(cfg.data, cache_dir)
+    path = resolve_path(cfg.model, cache_dir, mixture.corpus)
+    tokenizer = load_tokenizer(path, cfg.model)
+    data = tokenize_mixture(
+        mixture, tokenizer, cfg.data.max_length, cache_dir, cfg.data.truncation, cfg.model.prompt_format
+    )
+    log.info(
+        "tasks: %s",
+        ", ".join(
+            f"{t} ({len(mixture.train[t])} train / {len(data.val_rows[i])} val)"
+            for i, t in enumerate(data.tasks)
+        ),
+    )
+    return Data(data, tokenizer, path)
 
 
 def build_balancer(cfg: Any, tasks: list[str]) -> Balancer:
@@ -29,13 +78,52 @@ def build_balancer(cfg: Any, tasks: list[str]) -> Balancer:
     return get_class(cfg._target_)(tasks, **options)
 
 
+def build_model(cfg: TrainConfig, path: str, device: torch.device) -> torch.nn.Module:
+    """The model on `device`, with its adapters (`cfg.peft`), checked against `data.max_length`."""
+    model = load_model(path, cfg.model, cfg.peft)
+    if not getattr(model, "is_quantized", False):  # a 4-bit (QLoRA) model is placed by its device_map
+        model = model.to(device)
+    model = apply_peft(model, cfg.peft, cfg.trainer)
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context is not None and cfg.data.max_length > context:
+        raise MtftError(
+            f"data.max_length={cfg.data.max_length} exceeds the model's context ({context} tokens)"
+        )
+    log.info("model: %s (%.2fM parameters) from %s", type(model).__name__, model.num_parameters() / 1e6, path)
+    return model
+
+
+def build_backend(cfg: TrainConfig, model: torch.nn.Module, device: torch.device) -> Backend:
+    """Plain PyTorch (one process or DDP) unless `cfg.deepspeed` asks for DeepSpeed ZeRO."""
+    if cfg.deepspeed is None:
+        return TorchBackend(model, cfg.trainer, device)
+    return DeepSpeedBackend(model, cfg.trainer, cfg.deepspeed, device)
+
+
+def build_sampler(cfg: TrainConfig, task_ids: list[int], lengths: list[int] | None = None) -> MixtureSampler:
+    """This rank's share of the task mixture's batches. `lengths` (of every training example) are
+    needed only with `data.group_by_length`; `task_ids` may relabel the examples (bench's synthetic tasks)."""
+    return MixtureSampler(
+        task_ids,
+        cfg.trainer.batch_size,
+        cfg.data.sampling,
+        cfg.data.temperature,
+        seed=cfg.seed,
+        rank=rank(),
+        world_size=world_size(),
+        lengths=lengths if cfg.data.group_by_length else None,
+        group_by_length=cfg.data.group_by_length,
+        group_batches=cfg.data.group_batches,
+    )
+
+
 def build_sinks(cfg: TrainConfig, run_dir: Path, tasks: list[str]) -> list[Sink]:
     """The sinks `cfg.logger` asks for, built in the order rows reach them. Rank 0 logs for the
     job; other ranks log nothing unless `logger.all_ranks` (then to metrics.rank<r>.jsonl)."""
     if rank() != 0:
-        return [JsonlSink(run_dir / f"metrics.rank{rank()}.jsonl")] if cfg.logger.all_ranks else []
+        return [JsonlSink(run_dir / rank_metrics(rank()))] if cfg.logger.all_ranks else []
     sinks: list[Sink] = [
-        JsonlSink(run_dir / "metrics.jsonl"),
+        JsonlSink(run_dir / METRICS),
         ConsoleSink(tasks, cfg.trainer.max_steps, cfg.logger.progress),
     ]
     wandb_cfg, tensorboard_cfg = cfg.logger.wandb, cfg.logger.tensorboard
@@ -51,3 +139,24 @@ def build_sinks(cfg: TrainConfig, run_dir: Path, tasks: list[str]) -> list[Sink]
 
         sinks.append(TensorboardSink(tensorboard_cfg, ctx))
     return sinks
+
+
+def build_tracker(cfg: TrainConfig, run_dir: Path, tasks: list[str], extra: Sequence[Sink] = ()) -> Tracker:
+    """The configured sinks, plus `extra` ones (bench's timing sink), behind one tracker."""
+    return Tracker([*build_sinks(cfg, run_dir, tasks), *extra])
+
+
+def build_trainer(
+    cfg: TrainConfig,
+    backend: Backend,
+    data: Data,
+    sampler: MixtureSampler,
+    balancer: Balancer,
+    tracker: Tracker,
+    run_dir: Path,
+) -> Trainer:
+    """The loop over all of the above; it also checkpoints and restores them."""
+    collator = TaskCollator(data.tokenizer.pad_token_id)
+    return Trainer(
+        cfg.trainer, backend, data.mixture, collator, sampler, balancer, tracker, run_dir, cfg.seed
+    )
