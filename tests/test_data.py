@@ -163,8 +163,10 @@ def test_task_probabilities():
     assert task_probabilities([100, 25], "uniform").tolist() == [0.5, 0.5]
     p = task_probabilities([100, 25], "temperature", 2.0).tolist()
     assert abs(p[0] - 10 / 15) < 1e-9
-    with pytest.raises(MtftError, match="unknown data.sampling 'random'"):
-        task_probabilities([1], "random")
+    with pytest.raises(
+        MtftError, match=r"data.sampling must be one of \[proportional, uniform, temperature\]"
+    ):
+        DataConfig(source="codetasks", sampling="random")
 
 
 # --- length-grouped batching ----------------------------------------------------------------------

@@ -75,6 +75,19 @@ class DataConfig:
         at_least("data.group_batches", self.group_batches, 1)
         require(0 < self.val_percent < 100, "data.val_percent", "in 1..99", self.val_percent)
         self.tasks = task_configs(self.tasks)
+        if self.source == DataSource.codetasks:
+            from mtft.data.codetasks import TASKS
+
+            unknown = sorted(set(self.tasks) - set(TASKS))
+            require(not unknown, "data.tasks", f"tasks of codetasks ({', '.join(TASKS)})", unknown)
+        elif self.source == DataSource.jsonl:
+            for name, task in self.tasks.items():
+                if not task.train:
+                    raise MtftError(f"task '{name}': no training files given (data.tasks.{name}.train)")
+                if not task.validation and task.val_fraction == 0:
+                    raise MtftError(
+                        f"task '{name}': give data.tasks.{name}.validation files or a val_fraction in (0, 1)"
+                    )
 
 
 def task_configs(tasks: dict[str, TaskConfig | dict]) -> dict[str, TaskConfig]:

@@ -22,7 +22,7 @@ from datasets import Dataset
 from mtft.core.cache import build_dir_once
 from mtft.core.errors import MtftError
 from mtft.data import codetasks
-from mtft.data.config import DataConfig, TaskConfig
+from mtft.data.config import DataConfig, DataSource, TaskConfig
 from mtft.data.jsonl import Example, read_jsonl
 
 log = logging.getLogger(__name__)
@@ -66,13 +66,9 @@ def _cap(examples: list[Example], limit: int | None) -> list[Example]:
 
 
 def _jsonl_task(name: str, task: TaskConfig) -> tuple[list[Example], list[Example]]:
-    if not task.train:
-        raise MtftError(f"task '{name}': no training files given (data.tasks.{name}.train)")
     train = [ex for path in task.train for ex in read_jsonl(path, name)]
     if task.validation:
         return train, [ex for path in task.validation for ex in read_jsonl(path, name)]
-    if not 0.0 < task.val_fraction < 1.0:
-        raise MtftError(f"task '{name}': val_fraction must be in (0, 1) when no validation files are given")
     # Hash-based hold-out: the same example always lands on the same side, duplicates included.
     threshold = int(task.val_fraction * 2**32)
     val = [ex for ex in train if int(_key(ex)[:8], 16) < threshold]
@@ -81,19 +77,12 @@ def _jsonl_task(name: str, task: TaskConfig) -> tuple[list[Example], list[Exampl
 
 
 def build_mixture(cfg: DataConfig, cache_dir: Path) -> Mixture:
-    if not cfg.tasks:
-        raise MtftError("the mixture has no tasks: set data.tasks (see mtft/conf/data/jsonl.yaml)")
     tasks = cfg.tasks
-    if cfg.source == "codetasks":
-        unknown = set(cfg.tasks) - set(codetasks.TASKS)
-        if unknown:
-            raise MtftError(f"codetasks has no task(s) {sorted(unknown)}; available: {list(codetasks.TASKS)}")
+    if cfg.source == DataSource.codetasks:
         built = codetasks.load_cached(cache_dir, cfg.val_percent, cfg.split_salt)
         raw = {name: (built[name]["train"], built[name]["validation"]) for name in cfg.tasks}
-    elif cfg.source == "jsonl":
-        raw = {name: _jsonl_task(name, task) for name, task in tasks.items()}
     else:
-        raise MtftError(f"unknown data.source '{cfg.source}' (expected codetasks or jsonl)")
+        raw = {name: _jsonl_task(name, task) for name, task in tasks.items()}
 
     train, validation = {}, {}
     for name, task in tasks.items():
@@ -123,9 +112,6 @@ class TokenizedMixture:
     @property
     def train_task_ids(self) -> list[int]:
         return self.train["task_id"]
-
-
-PROMPT_FORMATS = ("plain", "chat")
 
 
 def chat_texts(examples: list[Example], tokenizer) -> tuple[list[str], list[str]]:
@@ -223,10 +209,6 @@ def tokenize_mixture(
     run with the count per task (`"error"`). `prompt_format="chat"` renders prompt/response pairs with
     the tokenizer's chat template first.
     """
-    if truncation not in ("truncate", "error"):
-        raise MtftError(f"data.truncation must be truncate or error, got '{truncation}'")
-    if prompt_format not in PROMPT_FORMATS:
-        raise MtftError(f"model.prompt_format must be one of {list(PROMPT_FORMATS)}, got '{prompt_format}'")
     if prompt_format == "chat" and not getattr(tokenizer, "chat_template", None):
         raise MtftError(
             f"model.prompt_format=chat, but the tokenizer of {tokenizer.name_or_path or 'this model'} has "

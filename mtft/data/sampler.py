@@ -20,8 +20,6 @@ import torch
 
 from mtft.core.errors import MtftError
 
-SAMPLING_RULES = ("proportional", "uniform", "temperature")
-
 
 def sequence_lengths(dataset: Any) -> list[int]:
     """Token count of every row (for `group_by_length`): read from the Arrow column of a Hugging Face
@@ -40,12 +38,8 @@ def task_probabilities(sizes: Sequence[int], rule: str, temperature: float = 1.0
         p = n
     elif rule == "uniform":
         p = torch.ones_like(n)
-    elif rule == "temperature":
-        if temperature <= 0:
-            raise MtftError(f"data.temperature must be > 0, got {temperature}")
+    else:  # temperature (data.sampling is checked by the config)
         p = n ** (1.0 / temperature)
-    else:
-        raise MtftError(f"unknown data.sampling '{rule}' (choose from {', '.join(SAMPLING_RULES)})")
     return p / p.sum()
 
 
