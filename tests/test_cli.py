@@ -1,6 +1,9 @@
 """The `mtft` command as a user runs it: help, config composition and the clear errors."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,6 +12,25 @@ import pytest
 def test_mtft_help_lists_commands(run_mtft):
     out = run_mtft("--help").stdout
     assert "train" in out and "usage: mtft" in out
+
+
+@pytest.mark.parametrize("args", [["--help"], ["train", "--help"]])
+def test_help_into_a_closed_pipe_is_quiet(mtft_env, args):
+    """`mtft --help | head -1`: the reader is gone before mtft writes (its end of the pipe is closed
+    here first, so the outcome does not depend on timing); no BrokenPipeError traceback."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "mtft", *args],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            env=mtft_env,
+            text=True,
+        )
+    finally:
+        os.close(write)
+    assert proc.returncode == 141 and proc.stderr == ""
 
 
 def test_unknown_command(run_mtft):
