@@ -138,3 +138,15 @@ def test_existing_run_dir_is_never_overwritten(run_mtft, tmp_path):
     proc = run_mtft("train", f"hydra.run.dir={run_dir}", check=False)
     assert proc.returncode == 2 and "already holds a run" in proc.stderr
     assert (run_dir / "metrics.jsonl").read_text() == '{"step": 0}\n'
+
+
+def test_plain_run_never_wakes_deepspeed(run_mtft, tmp_path):
+    """`deepspeed=none` (the default): building the embedded model (a size no other test builds) and
+    saving the final model must not import DeepSpeed, whose accelerator detection would print."""
+    proc = run_mtft(
+        "train", "model.build.hidden_size=64", "model.build.intermediate_size=128", "trainer.max_steps=1",
+        "trainer.eval_interval=1", "trainer.eval_batches=1", "trainer.eval_batch_size=8",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )  # fmt: skip
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+    assert "accelerator" not in proc.stderr.lower(), proc.stderr
