@@ -41,7 +41,7 @@ def test_unknown_command(run_mtft):
 def test_train_help_lists_groups_and_options(run_mtft):
     out = run_mtft("train", "--help").stdout
     for line in (
-        "balancer: coba, famo, gradnorm, uniform",
+        "balancer: coba, coba_tiny, famo, gradnorm, uniform",
         "data: codetasks, jsonl",
         "model: codellama_13b, codellama_13b_instruct, deepseek_coder_6_7b, deepseek_coder_6_7b_instruct, hf,",
         "deepspeed: file, none, zero1, zero2, zero3, zero3_offload",

@@ -21,7 +21,7 @@ from mtft.core.errors import MtftError
 from mtft.engine.config import DeepSpeedConfig, TrainerConfig
 from mtft.engine.deepspeed_config import deepspeed_config
 
-from conftest import ROOT, read_metrics
+from conftest import read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -263,11 +263,9 @@ def test_lora_gradnorm_under_ddp_resumes_exactly(run_mtft, tmp_path: Path) -> No
         ("single_node_8gpu", ["stage: 2", "name_or_path: Qwen/Qwen2.5-0.5B", "nproc_per_node: 1"]),
     ],
 )
-def test_scale_out_recipes_compose(run_mtft, recipe: str, expected: list[str]) -> None:
-    """The recipes compose offline (nothing downloads until a run starts)."""
-    job = run_mtft(
-        "train", "--config-dir", str(ROOT / "recipes"), "--config-name", recipe, "--cfg", "job"
-    ).stdout
+def test_scale_out_experiments_compose(run_mtft, tmp_path: Path, recipe: str, expected: list[str]) -> None:
+    """The experiments compose offline (nothing downloads until a run starts), from any directory."""
+    job = run_mtft("train", f"experiment={recipe}", "--cfg", "job", cwd=tmp_path).stdout
     assert all(line in job for line in expected), job
 
 

@@ -22,9 +22,9 @@ from transformers import (
     OPTForCausalLM,
 )
 
-from mtft.models import adapters
 from mtft.core.errors import MtftError
 from mtft.engine.config import TrainerConfig
+from mtft.models import adapters
 from mtft.models.adapters import apply_peft, check_adapter_support, count_parameters, quantization_config
 from mtft.models.config import LoraAdapterConfig, ModelConfig, QLoraAdapterConfig
 from mtft.models.export import main as export_main
