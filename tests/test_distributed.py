@@ -295,3 +295,45 @@ def test_sigterm_to_a_multiprocess_job_checkpoints_and_exits_resumable(mtft_env,
         p.name for p in checkpoint.iterdir()
     }
     assert "trainer.resume=auto" in err
+
+
+ONE_STEP = [
+    "trainer.max_steps=1", "trainer.eval_interval=1", "trainer.eval_batches=1", "trainer.eval_batch_size=8",
+    "trainer.batch_size=4", "trainer.save_model=false", "distributed.backend=gloo", "distributed.timeout_min=7",
+]  # fmt: skip
+JOINED = "joined the process group as rank 0 of 2: backend gloo, timeout 7 min"
+
+
+def test_torchrun_ranks_join_with_the_configured_backend_and_timeout(mtft_env, tmp_path: Path) -> None:
+    """Ranks meet before Hydra (for the run clock) but create the group after it, from the config."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            "-m", "mtft", "train", *ONE_STEP, f"hydra.run.dir={run_dir}",
+        ],
+        cwd=tmp_path, env=mtft_env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert JOINED in (run_dir / "train.log").read_text()
+
+
+def test_own_workers_join_with_the_configured_backend_and_timeout(run_mtft, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_mtft("train", *ONE_STEP, "distributed.nproc_per_node=2", f"hydra.run.dir={run_dir}")
+    assert JOINED in (run_dir / "train.log").read_text()
+
+
+def test_a_bad_backend_is_one_line_under_torchrun_too(mtft_env, tmp_path: Path) -> None:
+    """Checked after composing, by the same code as a single process's: an error line, exit 2."""
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            "-m", "mtft", "train", "distributed.backend=mpi", f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=tmp_path, env=mtft_env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "error: distributed.backend must be one of auto, nccl, gloo, got 'mpi'" in proc.stderr
+    # torchrun itself reports the failed children with a traceback of its own; the ranks do not.
+    assert "ValueError" not in proc.stderr and "process_group.py" not in proc.stderr
