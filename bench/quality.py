@@ -1,5 +1,5 @@
 """Quality: the balancer sweep (uniform, coba, gradnorm, famo x seeds) on codetasks at a fixed token
-budget, run through the real `mtft train` CLI (Hydra multirun of recipes/balancer_sweep.yaml) and
+budget, run through the real `mtft train` CLI (Hydra multirun of experiment=balancer_sweep) and
 compared by `mtft report`, whose table is embedded in BENCHMARKS.md as printed.
 
 With proportional sampling the batches depend only on the seed, never on the balancer, so every
@@ -39,11 +39,8 @@ def sweep(
     """One Hydra multirun of the sweep recipe into `out_dir`; `jobs` > 1 runs jobs in parallel processes."""
     args = [
         "train",
-        "--config-dir",
-        "recipes",
-        "--config-name",
-        "balancer_sweep",
         "-m",
+        "experiment=balancer_sweep",
         f"balancer={balancers}",
         f"seed={','.join(str(s) for s in seeds)}",
         f"trainer.max_steps={steps}",

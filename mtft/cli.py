@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 from mtft import __version__
@@ -68,7 +69,17 @@ def config_error_message(error: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
+    """Run one sub-command; its exit status."""
+    try:
+        return _dispatch(sys.argv[1:] if argv is None else argv)
+    except BrokenPipeError:
+        # The reader went away (`mtft --help | head -1`): stop quietly, as `cat` would. Pointing
+        # stdout at /dev/null keeps the interpreter's final flush from raising a second time.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+
+
+def _dispatch(args: list[str]) -> int:
     # The `deepspeed` launcher passes --local_rank=N (also in $LOCAL_RANK), which Hydra would reject.
     args = [a for a in args if not a.startswith("--local_rank")]
     if not args or args[0] in ("-h", "--help", "help"):

@@ -1,6 +1,9 @@
 """The `mtft` command as a user runs it: help, config composition and the clear errors."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,25 @@ def test_mtft_help_lists_commands(run_mtft):
     assert "train" in out and "usage: mtft" in out
 
 
+@pytest.mark.parametrize("args", [["--help"], ["train", "--help"]])
+def test_help_into_a_closed_pipe_is_quiet(mtft_env, args):
+    """`mtft --help | head -1`: the reader is gone before mtft writes (its end of the pipe is closed
+    here first, so the outcome does not depend on timing); no BrokenPipeError traceback."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "mtft", *args],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            env=mtft_env,
+            text=True,
+        )
+    finally:
+        os.close(write)
+    assert proc.returncode == 141 and proc.stderr == ""
+
+
 def test_unknown_command(run_mtft):
     proc = run_mtft("trian", check=False)
     assert proc.returncode == 2 and "unknown command 'trian'" in proc.stderr
@@ -19,7 +41,7 @@ def test_unknown_command(run_mtft):
 def test_train_help_lists_groups_and_options(run_mtft):
     out = run_mtft("train", "--help").stdout
     for line in (
-        "balancer: coba, famo, gradnorm, uniform",
+        "balancer: coba, coba_tiny, famo, gradnorm, uniform",
         "data: codetasks, jsonl",
         "model: codellama_13b, codellama_13b_instruct, deepseek_coder_6_7b, deepseek_coder_6_7b_instruct, hf,",
         "deepspeed: file, none, zero1, zero2, zero3, zero3_offload",
@@ -116,3 +138,15 @@ def test_existing_run_dir_is_never_overwritten(run_mtft, tmp_path):
     proc = run_mtft("train", f"hydra.run.dir={run_dir}", check=False)
     assert proc.returncode == 2 and "already holds a run" in proc.stderr
     assert (run_dir / "metrics.jsonl").read_text() == '{"step": 0}\n'
+
+
+def test_plain_run_never_wakes_deepspeed(run_mtft, tmp_path):
+    """`deepspeed=none` (the default): building the embedded model (a size no other test builds) and
+    saving the final model must not import DeepSpeed, whose accelerator detection would print."""
+    proc = run_mtft(
+        "train", "model.build.hidden_size=64", "model.build.intermediate_size=128", "trainer.max_steps=1",
+        "trainer.eval_interval=1", "trainer.eval_batches=1", "trainer.eval_batch_size=8",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )  # fmt: skip
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+    assert "accelerator" not in proc.stderr.lower(), proc.stderr

@@ -327,8 +327,8 @@ def test_built_from_the_config_schema_like_the_trainer_does():
 
 
 def test_tiny_recipe_composes(run_mtft):
-    """The command at the top of recipes/coba_tiny.yaml composes (`--cfg job`: no training)."""
-    proc = run_mtft("train", "--config-dir", "recipes", "--config-name", "coba_tiny", "--cfg", "job")
+    """The command at the top of conf/experiment/coba_tiny.yaml composes (`--cfg job`: no training)."""
+    proc = run_mtft("train", "experiment=coba_tiny", "--cfg", "job")
     cfg = OmegaConf.create(proc.stdout)
     assert cfg.balancer._target_ == "mtft.balancers.coba.CoBa"
     assert cfg.balancer.warmup_steps < cfg.balancer.history_length <= 5 * cfg.balancer.warmup_steps

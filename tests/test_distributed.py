@@ -21,7 +21,7 @@ from mtft.core.errors import MtftError
 from mtft.engine.config import DeepSpeedConfig, TrainerConfig
 from mtft.engine.deepspeed_config import deepspeed_config
 
-from conftest import ROOT, read_metrics
+from conftest import read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -39,6 +39,9 @@ COMMON = [
 PER_RANK = [*COMMON, "trainer.batch_size=8", "logger.all_ranks=true"]  # 2 ranks x 8 = the global 16
 # Same global batch, different summation order: losses agree to float32 rounding, far inside this.
 REL_TOL = 1e-4
+# CoBa's weights are a softmax over slopes of short loss histories, which amplifies those rounding
+# differences (about 1.3e-4 relative at step 6 with the sampler's current streams).
+WEIGHT_REL_TOL = 1e-3
 
 
 def train_rows(run_dir: Path, name: str = "metrics.jsonl") -> dict[tuple[int, str], dict]:
@@ -58,7 +61,7 @@ def assert_ranks_agree_and_match(run_dir: Path, single: Path) -> None:
         if row["loss"] is not None:
             assert math.isclose(rank0[key]["loss"], row["loss"], rel_tol=REL_TOL), key
         if "weight" in row:
-            assert math.isclose(rank0[key]["weight"], row["weight"], rel_tol=REL_TOL, abs_tol=1e-6), key
+            assert math.isclose(rank0[key]["weight"], row["weight"], rel_tol=WEIGHT_REL_TOL), key
     val = {(r["step"], r["task"]): r["loss"] for r in read_metrics(run_dir) if r["split"] == "val"}
     val_ref = {(r["step"], r["task"]): r["loss"] for r in read_metrics(single) if r["split"] == "val"}
     assert val.keys() == val_ref.keys()
@@ -267,11 +270,9 @@ def test_lora_gradnorm_under_ddp_resumes_exactly(run_mtft, tmp_path: Path) -> No
         ("single_node_8gpu", ["stage: 2", "name_or_path: Qwen/Qwen2.5-0.5B", "nproc_per_node: 1"]),
     ],
 )
-def test_scale_out_recipes_compose(run_mtft, recipe: str, expected: list[str]) -> None:
-    """The recipes compose offline (nothing downloads until a run starts)."""
-    job = run_mtft(
-        "train", "--config-dir", str(ROOT / "recipes"), "--config-name", recipe, "--cfg", "job"
-    ).stdout
+def test_scale_out_experiments_compose(run_mtft, tmp_path: Path, recipe: str, expected: list[str]) -> None:
+    """The experiments compose offline (nothing downloads until a run starts), from any directory."""
+    job = run_mtft("train", f"experiment={recipe}", "--cfg", "job", cwd=tmp_path).stdout
     assert all(line in job for line in expected), job
 
 
@@ -301,3 +302,45 @@ def test_sigterm_to_a_multiprocess_job_checkpoints_and_exits_resumable(mtft_env,
         p.name for p in checkpoint.iterdir()
     }
     assert "trainer.resume=auto" in err
+
+
+ONE_STEP = [
+    "trainer.max_steps=1", "trainer.eval_interval=1", "trainer.eval_batches=1", "trainer.eval_batch_size=8",
+    "trainer.batch_size=4", "trainer.save_model=false", "distributed.backend=gloo", "distributed.timeout_min=7",
+]  # fmt: skip
+JOINED = "joined the process group as rank 0 of 2: backend gloo, timeout 7 min"
+
+
+def test_torchrun_ranks_join_with_the_configured_backend_and_timeout(mtft_env, tmp_path: Path) -> None:
+    """Ranks meet before Hydra (for the run clock) but create the group after it, from the config."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            "-m", "mtft", "train", *ONE_STEP, f"hydra.run.dir={run_dir}",
+        ],
+        cwd=tmp_path, env=mtft_env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert JOINED in (run_dir / "train.log").read_text()
+
+
+def test_own_workers_join_with_the_configured_backend_and_timeout(run_mtft, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_mtft("train", *ONE_STEP, "distributed.nproc_per_node=2", f"hydra.run.dir={run_dir}")
+    assert JOINED in (run_dir / "train.log").read_text()
+
+
+def test_a_bad_backend_is_one_line_under_torchrun_too(mtft_env, tmp_path: Path) -> None:
+    """Checked after composing, by the same code as a single process's: an error line, exit 2."""
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            "-m", "mtft", "train", "distributed.backend=mpi", f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=tmp_path, env=mtft_env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "error: distributed.backend must be one of auto, nccl, gloo, got 'mpi'" in proc.stderr
+    # torchrun itself reports the failed children with a traceback of its own; the ranks do not.
+    assert "ValueError" not in proc.stderr and "process_group.py" not in proc.stderr

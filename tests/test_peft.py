@@ -24,11 +24,11 @@ from transformers import (
 
 from mtft.core.errors import MtftError
 from mtft.engine.config import TrainerConfig
-from mtft.models import adapters
-from mtft.models.adapters import apply_peft, check_adapter_support, count_parameters, quantization_config
+from mtft.models.adapters import apply_peft, count_parameters, quantization_config
 from mtft.models.config import LoraAdapterConfig, ModelConfig, QLoraAdapterConfig
 from mtft.models.export import main as export_main
 from mtft.models.loading import load_model, load_tokenizer, resolve_path
+from mtft.recipe import validate
 
 from conftest import SMALL, read_metrics
 
@@ -230,27 +230,26 @@ def test_gradient_checkpointing_recomputes_and_keeps_the_gradients(small_path, p
 def test_qlora_without_cuda_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(MtftError) as e:
-        check_adapter_support(QLoraAdapterConfig())
+        validate.check_adapter_support(QLoraAdapterConfig())
     assert "CUDA" in str(e.value) and "peft=lora" in str(e.value)
-    check_adapter_support(LoraAdapterConfig())  # LoRA runs anywhere
-    check_adapter_support(None)
+    validate.check_adapter_support(LoraAdapterConfig())  # LoRA runs anywhere
+    validate.check_adapter_support(None)
 
 
 def test_qlora_without_bitsandbytes_names_the_install_command(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     real = importlib.util.find_spec
     monkeypatch.setattr(
-        adapters.importlib.util,
+        validate.importlib.util,
         "find_spec",
         lambda name, *a: None if name == "bitsandbytes" else real(name, *a),
     )
     with pytest.raises(MtftError, match="pip install bitsandbytes"):
-        check_adapter_support(QLoraAdapterConfig())
+        validate.check_adapter_support(QLoraAdapterConfig())
 
 
 def test_qlora_loads_the_base_in_4bit_nf4_with_double_quant_and_bf16_compute(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(adapters, "check_adapter_support", lambda cfg: None)
     q = quantization_config(QLoraAdapterConfig())
     assert q.load_in_4bit and not q.load_in_8bit
     assert (q.bnb_4bit_quant_type, q.bnb_4bit_use_double_quant, q.bnb_4bit_compute_dtype) == (
@@ -265,7 +264,6 @@ def test_qlora_loads_the_base_in_4bit_nf4_with_double_quant_and_bf16_compute(mon
 def test_qlora_wiring_quantizes_at_load_then_adds_adapters(small_path, monkeypatch):
     """Without a GPU here: the 4-bit config reaches from_pretrained, then k-bit preparation, then LoRA."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(adapters, "check_adapter_support", lambda cfg: None)
     monkeypatch.setenv("LOCAL_RANK", "1")
     seen = {}
     real = AutoModelForCausalLM.from_pretrained

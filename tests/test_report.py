@@ -183,11 +183,7 @@ def test_report_cli_without_runs_fails_clearly(run_mtft, tmp_path):
 
 
 def test_sweep_recipe_composes(run_mtft):
-    hydra_cfg = yaml.safe_load(
-        run_mtft(
-            "train", "--config-dir", "recipes", "--config-name", "balancer_sweep", "--cfg", "hydra"
-        ).stdout
-    )
+    hydra_cfg = yaml.safe_load(run_mtft("train", "experiment=balancer_sweep", "--cfg", "hydra").stdout)
     assert hydra_cfg["hydra"]["sweeper"]["params"] == {
         "balancer": "uniform,coba_tiny,gradnorm,famo",
         "seed": "1,2",
@@ -195,10 +191,7 @@ def test_sweep_recipe_composes(run_mtft):
     job = yaml.safe_load(
         run_mtft(
             "train",
-            "--config-dir",
-            "recipes",
-            "--config-name",
-            "balancer_sweep",
+            "experiment=balancer_sweep",
             "balancer=coba_tiny",
             "--cfg",
             "job",

@@ -13,6 +13,7 @@ per epoch.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -97,7 +98,12 @@ class MixtureSampler:
         self.group_by_length, self.group_batches = group_by_length, group_batches
 
     def _generator(self, *key: int) -> torch.Generator:
-        return torch.Generator().manual_seed(hash((self.seed, *key)) & 0x7FFF_FFFF_FFFF_FFFF)
+        """A generator seeded from (seed, *key) by SHA-1, not Python's `hash`, whose value for a
+        tuple is an implementation detail that may change between Python versions and platforms:
+        the same seed must give the same batches everywhere, and across a resume."""
+        text = ":".join(str(part) for part in (self.seed, *key))
+        digest = hashlib.sha1(text.encode()).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF)
 
     def _global_stream(self) -> Iterator[torch.Tensor]:
         """Chunks of the global index stream, identical on every rank."""

@@ -21,6 +21,7 @@ from transformers import get_scheduler
 from mtft.core.dist import barrier, rank, world_size
 from mtft.core.errors import MtftError
 from mtft.engine.config import DeepSpeedConfig, TrainerConfig
+from mtft.models.saving import save_pretrained
 
 log = logging.getLogger("mtft")
 
@@ -130,7 +131,7 @@ class TorchBackend:
         """The final model in `save_pretrained` layout (adapters only under PEFT), from rank 0."""
         if rank() == 0:
             _ready_for_inference(self.module)
-            self.module.save_pretrained(directory)
+            save_pretrained(self.module, directory)
         barrier()
 
 

@@ -13,6 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from mtft.core.errors import Interrupted, MtftError
+from mtft.launch.process_group import join_process_group
 from mtft.recipe.config import TrainConfig, conf_dir, register_configs
 from mtft.recipe.validate import validate
 
@@ -34,10 +35,9 @@ def main(cfg: DictConfig) -> None:
         typed: TrainConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]  # runs the __post_init__ checks
         validate(typed)  # the cross-section rules, before any data, model or engine is built
         dist = typed.distributed
-        if _is_slurm_rank():  # a task of a multi-task SLURM job (submitit launcher): join the others
-            from mtft.launch.process_group import init_process_group
-
-            init_process_group(dist.backend, dist.timeout_min)
+        # A rank of a launched job (torchrun, deepspeed, srun, submitit) joins its group here, with
+        # the configured backend and timeout; a single process only has its backend checked.
+        join_process_group(dist.backend, dist.timeout_min)
         if "RANK" not in os.environ and (dist.nproc_per_node > 1 or dist.nnodes > 1):
             from mtft.launch.workers import launch_workers
 
@@ -56,11 +56,3 @@ def main(cfg: DictConfig) -> None:
             hydra_cfg.runtime.output_dir,
         )
         sys.exit(Interrupted.exit_code)
-
-
-def _is_slurm_rank() -> bool:
-    if "SLURM_PROCID" not in os.environ:
-        return False
-    from mtft.launch.process_group import export_slurm_env
-
-    return export_slurm_env()

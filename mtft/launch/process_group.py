@@ -3,16 +3,35 @@
 Ranks come from the environment, whoever started the processes: torchrun, the `deepspeed`
 launcher, `mtft train distributed.nproc_per_node=N` (torchrun's elastic agent, see
 `mtft.launch.workers`), or SLURM (`srun`, Hydra's submitit launcher), whose variables are
-translated here. Under torchrun, `deepspeed` or SLURM, where every rank runs `mtft train` itself,
-`agree_on_run_clock` makes the ranks resolve `${now:...}` in the run dir to rank 0's time, so
-ranks started seconds apart never create several timestamped run dirs.
+translated here. Every one of them ends in `join_process_group(backend, timeout_min)` with the
+composed config's `distributed.backend` and `distributed.timeout_min`, which creates the group once.
+
+Under torchrun, `deepspeed` or `srun`, every rank runs `mtft train` itself, and the ranks must agree
+on rank 0's clock before Hydra resolves `${now:...}` in the run dir (ranks started seconds apart
+would otherwise create several timestamped run dirs), that is before the config, and so the backend,
+is known. `join_launched_job` therefore only meets the other ranks at the job's store (the TCP
+key-value store on MASTER_ADDR:MASTER_PORT that `init_process_group` would create itself) and reads
+rank 0's time from it; the process group is created on that same store after composing.
 """
 
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import random
+from typing import Any
+
+from mtft.core.errors import MtftError
+
+log = logging.getLogger("mtft")
+
+BACKENDS = ("auto", "nccl", "gloo")
+CLOCK_KEY = "mtft/run_clock"
+# The store is met before the config (and its timeout) is known: torch's own default until then.
+STORE_TIMEOUT = datetime.timedelta(minutes=30)
+
+_store: Any = None  # the job's store once this rank has met the others (torch.distributed.Store)
 
 
 def launched_world_size() -> int:
@@ -20,21 +39,52 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init_process_group(backend: str = "auto", timeout_min: int = 30) -> None:
-    """Join the job's process group from the environment (env://), once."""
+def _job_store() -> Any:
+    """This job's store, created once per process exactly as `init_process_group("env://")` would
+    (rank 0 hosts it, or torchrun's agent already does), so every launcher works unchanged."""
+    global _store
+    if _store is None:
+        from torch.distributed.rendezvous import rendezvous
+
+        _store, _, _ = next(rendezvous("env://", timeout=STORE_TIMEOUT))
+    return _store
+
+
+def join_process_group(backend: Any = "auto", timeout_min: int = 30) -> None:
+    """Join the job's process group with the configured backend and collective timeout, once.
+
+    A single process (no launcher, or the parent of mtft's own workers) joins nothing and imports
+    no torch; a task of a multi-task SLURM step first turns SLURM's variables into torchrun's.
+    """
+    name = str(getattr(backend, "value", backend))  # a plain string or an Enum of them
+    if name not in BACKENDS:
+        raise MtftError(f"distributed.backend must be one of {', '.join(BACKENDS)}, got '{name}'")
+    if "SLURM_PROCID" in os.environ:
+        export_slurm_env()
+    if "RANK" not in os.environ or launched_world_size() == 1:
+        return
     import torch
     import torch.distributed as dist
 
     from mtft.core.dist import device_for_rank
 
-    if launched_world_size() == 1 or dist.is_initialized():
+    if dist.is_initialized():
         return
-    if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend not in ("nccl", "gloo"):
-        raise ValueError(f"distributed.backend must be auto, nccl or gloo, got '{backend}'")
+    if name == "auto":
+        name = "nccl" if torch.cuda.is_available() else "gloo"
+    timeout = datetime.timedelta(minutes=timeout_min)
+    store = _job_store()
+    store.set_timeout(timeout)
     device_for_rank()
-    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_min))
+    rank, world_size = int(os.environ["RANK"]), launched_world_size()
+    dist.init_process_group(name, store=store, rank=rank, world_size=world_size, timeout=timeout)
+    log.info(
+        "joined the process group as rank %d of %d: backend %s, timeout %d min",
+        rank,
+        world_size,
+        dist.get_backend(),
+        timeout_min,
+    )
 
 
 def export_slurm_env() -> bool:
@@ -64,35 +114,36 @@ def export_slurm_env() -> bool:
 
 
 def join_launched_job(argv: list[str]) -> list[str]:
-    """In a rank of an externally launched job (torchrun, deepspeed, srun/submitit): join the
-    process group before Hydra runs, and return the Hydra overrides that keep ranks together.
+    """In a rank of an externally launched job (torchrun, deepspeed, srun/submitit): meet the
+    other ranks and agree on rank 0's clock before Hydra runs, and return the Hydra overrides that
+    keep ranks together. The process group itself waits for the config (`join_process_group`).
     A plain single-process run returns at once, without importing torch."""
     if "RANK" not in os.environ and "SLURM_PROCID" not in os.environ:
         return argv
-    from mtft.core.dist import rank
-
     export_slurm_env()
     if launched_world_size() == 1:
         return argv
-    init_process_group(os.environ.get("MTFT_DIST_BACKEND", "auto"))
     agree_on_run_clock()
     # Rank 0 writes .hydra/ and logs for the job; the others only warn.
     return (
-        argv if rank() == 0 else [*argv, "hydra.output_subdir=null", "hydra.job_logging.root.level=WARNING"]
+        argv
+        if int(os.environ["RANK"]) == 0
+        else [*argv, "hydra.output_subdir=null", "hydra.job_logging.root.level=WARNING"]
     )
 
 
 def agree_on_run_clock() -> None:
-    """Make Hydra's `now` resolver return rank 0's start time on every rank.
+    """Make Hydra's `now` resolver return rank 0's start time on every rank, read from the store.
 
     Hydra registers `now` itself when it starts (`hydra.core.utils.setup_globals`), so the clock it
     reads, `hydra.core.utils.datetime`, is what is replaced here.
     """
     import hydra.core.utils as hydra_utils
 
-    from mtft.core.dist import broadcast_object
-
-    agreed = broadcast_object(datetime.datetime.now())
+    store = _job_store()
+    if int(os.environ["RANK"]) == 0:
+        store.set(CLOCK_KEY, datetime.datetime.now().isoformat())
+    agreed = datetime.datetime.fromisoformat(store.get(CLOCK_KEY).decode())  # waits for rank 0
 
     class RankZeroClock(datetime.datetime):
         @classmethod

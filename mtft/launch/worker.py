@@ -30,18 +30,15 @@ def _setup_logging(run_dir: Path, rank: int) -> None:
 
 def main(argv: list[str]) -> int:
     config_path, run_dir = Path(argv[0]), Path(argv[1])
-    from mtft.core.dist import rank
-    from mtft.launch.process_group import init_process_group
-
-    init_process_group(
-        os.environ.get("MTFT_DIST_BACKEND", "auto"), int(os.environ.get("MTFT_DIST_TIMEOUT_MIN", "30"))
-    )
-    _setup_logging(run_dir, rank())
+    from mtft.launch.process_group import join_process_group
     from mtft.launch.workers import load_launch_config
     from mtft.recipe.finetune import train
 
+    _setup_logging(run_dir, int(os.environ.get("RANK", "0")))
     try:
         cfg = load_launch_config(config_path)
+        # The same join as every other launcher's, with the parent's resolved backend and timeout.
+        join_process_group(cfg.distributed.backend, cfg.distributed.timeout_min)
         train(cfg, run_dir)
     except MtftError as e:
         log.error("error: %s", e)

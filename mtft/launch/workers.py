@@ -9,7 +9,6 @@ trains as one rank.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import uuid
 from pathlib import Path
@@ -54,8 +53,6 @@ def launch_workers(cfg: TrainConfig, resolved_yaml: str, run_dir: Path) -> None:
         max_restarts=0,
         monitor_interval=1,
     )
-    os.environ["MTFT_DIST_BACKEND"] = dist.backend
-    os.environ["MTFT_DIST_TIMEOUT_MIN"] = str(dist.timeout_min)
     log.info(
         "starting %d worker process(es) per node on %d node(s); run dir %s",
         dist.nproc_per_node,

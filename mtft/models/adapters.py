@@ -9,7 +9,6 @@ QLoRA run that cannot work here).
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import logging
 import warnings
 from collections.abc import Iterator
@@ -20,7 +19,7 @@ from transformers import PreTrainedModel
 
 from mtft.core.errors import MtftError
 from mtft.engine.config import TrainerConfig
-from mtft.models.config import LoraAdapterConfig, PeftMethod
+from mtft.models.config import LoraAdapterConfig
 
 log = logging.getLogger("mtft")
 
@@ -47,23 +46,6 @@ COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32
 
 def is_qlora(cfg: LoraAdapterConfig | None) -> bool:
     return cfg is not None and cfg.method == "qlora"
-
-
-def check_adapter_support(cfg: LoraAdapterConfig | None) -> None:
-    """Stop at once when the chosen PEFT method cannot run on this machine, saying what would."""
-    if cfg is None or cfg.method != PeftMethod.qlora:
-        return
-    if not torch.cuda.is_available():
-        raise MtftError(
-            "peft=qlora needs a CUDA GPU: bitsandbytes' 4-bit (NF4) quantization runs on CUDA, and "
-            "no GPU is visible here (torch.cuda.is_available() is False). Use peft=lora to train "
-            "LoRA adapters on the unquantized model instead."
-        )
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise MtftError(
-            "peft=qlora needs bitsandbytes, which is not installed: pip install bitsandbytes "
-            "(or use peft=lora, which needs no quantization)"
-        )
 
 
 def quantization_config(cfg: LoraAdapterConfig | None) -> Any | None:

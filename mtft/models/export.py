@@ -21,6 +21,7 @@ import yaml
 from mtft.core.errors import MtftError
 from mtft.models.adapters import quiet_peft
 from mtft.models.loading import DTYPES
+from mtft.models.saving import save_pretrained
 
 log = logging.getLogger("mtft")
 
@@ -98,7 +99,7 @@ def export(run_dir: Path, out: Path | None = None, base: str | None = None, dtyp
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
     try:
-        merged.save_pretrained(tmp)
+        save_pretrained(merged, tmp)
         tokenizer.save_pretrained(tmp)
         if out.exists():
             out.rmdir()  # empty, checked above

@@ -18,6 +18,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from mtft.core.cache import build_dir_once
 from mtft.models.config import TinyModelConfig
+from mtft.models.saving import save_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ def build_tiny(cfg: TinyModelConfig, texts: list[str], out_dir: Path) -> None:
     )
     torch.manual_seed(cfg.init_seed)
     model = LlamaForCausalLM(config)
-    model.save_pretrained(out_dir)
+    save_pretrained(model, out_dir)
     tokenizer.save_pretrained(out_dir)
 
 

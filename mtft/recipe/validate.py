@@ -7,10 +7,13 @@ model, engine or W&B run exists, so a bad config fails in about a second with on
 
 from __future__ import annotations
 
+import importlib.util
+
+import torch
 from hydra.utils import get_class
 
 from mtft.core.errors import MtftError
-from mtft.models.adapters import check_adapter_support
+from mtft.models.config import LoraAdapterConfig, PeftMethod
 from mtft.recipe.config import TrainConfig
 
 
@@ -29,3 +32,20 @@ def validate(cfg: TrainConfig) -> None:
     if check_tasks is not None:
         check_tasks(list(cfg.data.tasks))
     check_adapter_support(cfg.peft)
+
+
+def check_adapter_support(cfg: LoraAdapterConfig | None) -> None:
+    """Stop at once when the chosen PEFT method cannot run on this machine, saying what would."""
+    if cfg is None or cfg.method != PeftMethod.qlora:
+        return
+    if not torch.cuda.is_available():
+        raise MtftError(
+            "peft=qlora needs a CUDA GPU: bitsandbytes' 4-bit (NF4) quantization runs on CUDA, and "
+            "no GPU is visible here (torch.cuda.is_available() is False). Use peft=lora to train "
+            "LoRA adapters on the unquantized model instead."
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise MtftError(
+            "peft=qlora needs bitsandbytes, which is not installed: pip install bitsandbytes "
+            "(or use peft=lora, which needs no quantization)"
+        )
