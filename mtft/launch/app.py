@@ -36,7 +36,7 @@ def main(cfg: DictConfig) -> None:
         validate(typed)  # the cross-section rules, before any data, model or engine is built
         dist = typed.distributed
         # A rank of a launched job (torchrun, deepspeed, srun, submitit) joins its group here, with
-        # the configured backend and timeout; a single process only has its backend checked.
+        # the configured backend and timeout; a single process joins nothing.
         join_process_group(dist.backend, dist.timeout_min)
         if "RANK" not in os.environ and (dist.nproc_per_node > 1 or dist.nnodes > 1):
             from mtft.launch.workers import launch_workers

@@ -22,11 +22,10 @@ import os
 import random
 from typing import Any
 
-from mtft.core.errors import MtftError
+from mtft.launch.config import DistBackend
 
 log = logging.getLogger("mtft")
 
-BACKENDS = ("auto", "nccl", "gloo")
 CLOCK_KEY = "mtft/run_clock"
 # The store is met before the config (and its timeout) is known: torch's own default until then.
 STORE_TIMEOUT = datetime.timedelta(minutes=30)
@@ -50,15 +49,12 @@ def _job_store() -> Any:
     return _store
 
 
-def join_process_group(backend: Any = "auto", timeout_min: int = 30) -> None:
+def join_process_group(backend: DistBackend = DistBackend.auto, timeout_min: int = 30) -> None:
     """Join the job's process group with the configured backend and collective timeout, once.
 
     A single process (no launcher, or the parent of mtft's own workers) joins nothing and imports
     no torch; a task of a multi-task SLURM step first turns SLURM's variables into torchrun's.
     """
-    name = str(getattr(backend, "value", backend))  # a plain string or an Enum of them
-    if name not in BACKENDS:
-        raise MtftError(f"distributed.backend must be one of {', '.join(BACKENDS)}, got '{name}'")
     if "SLURM_PROCID" in os.environ:
         export_slurm_env()
     if "RANK" not in os.environ or launched_world_size() == 1:
@@ -70,7 +66,8 @@ def join_process_group(backend: Any = "auto", timeout_min: int = 30) -> None:
 
     if dist.is_initialized():
         return
-    if name == "auto":
+    name = str(backend)
+    if backend == DistBackend.auto:
         name = "nccl" if torch.cuda.is_available() else "gloo"
     timeout = datetime.timedelta(minutes=timeout_min)
     store = _job_store()
