@@ -39,6 +39,9 @@ def _usage() -> str:
 def _train(args: list[str]) -> int:
     """Run the Hydra app. A config Hydra cannot compose (unknown key, bad override or value) is a
     user error like any other: one `error:` line and exit code 2, not Hydra's exit 1."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
     from mtft.launch import app
     from mtft.launch.process_group import join_launched_job
 
@@ -47,7 +50,7 @@ def _train(args: list[str]) -> int:
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra raises instead of printing and exiting 1
     try:
         app.main()
-    except Exception as e:
+    except (HydraException, OmegaConfBaseException) as e:
         if app.task_started or user_wants_trace:
             raise
         print(f"error: {config_error_message(e)}", file=sys.stderr)

@@ -341,6 +341,8 @@ def test_a_bad_backend_is_one_line_under_torchrun_too(mtft_env, tmp_path: Path) 
         cwd=tmp_path, env=mtft_env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode != 0
-    assert "error: distributed.backend: Invalid value 'mpi', expected one of [auto, nccl, gloo]" in proc.stderr
+    assert (
+        "error: distributed.backend: Invalid value 'mpi', expected one of [auto, nccl, gloo]" in proc.stderr
+    )
     # torchrun itself reports the failed children with a traceback of its own; the ranks do not.
     assert "ValueError" not in proc.stderr and "process_group.py" not in proc.stderr

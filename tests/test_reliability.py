@@ -80,7 +80,7 @@ def make_trainer(tokenizer, run_dir: Path, nan_calls: set[int], **cfg) -> tuple[
         logger=LoggerConfig(progress=False),
     )
     balancer = Uniform(data.tasks)
-    backend = build_backend(train_cfg, NaNAt(model, nan_calls), balancer, torch.device("cpu"))
+    backend = build_backend(train_cfg, NaNAt(model, nan_calls), torch.device("cpu"))
     sampler = build_sampler(train_cfg, data.mixture.train_task_ids)
     run_dir.mkdir(parents=True, exist_ok=True)
     tracker = build_tracker(train_cfg, run_dir, data.tasks)

@@ -20,7 +20,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -62,6 +62,9 @@ class Balancer(ABC):
     val_batches: int = 1
     recompute_after_step: bool = False
     needs_parameters: bool = False  # takes gradients of whole model parameters (not with ZeRO-3)
+
+    # The dataclass of the balancer's options (its YAML's schema); the constructor takes its fields.
+    config_class: ClassVar[type]
 
     def __init__(self, tasks: Sequence[str]) -> None:
         if not tasks:

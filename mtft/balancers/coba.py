@@ -101,9 +101,11 @@ class CoBa(Balancer):
     of the latest update (nothing during warm-up).
     """
 
+    config_class = CobaBalancerConfig
+
     def __init__(self, tasks: Sequence[str], **options: Any) -> None:
         super().__init__(tasks)
-        self.config = cfg = CobaBalancerConfig(**options)
+        self.config = cfg = self.config_class(**options)
         self.warmup_steps = cfg.warmup_steps
         self.history_length = history_length = cfg.history_length
         self.tau = float(cfg.tau)

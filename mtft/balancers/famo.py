@@ -75,9 +75,11 @@ class FamoBalancerConfig:
 class FAMO(Balancer):
     """Task logits trained online so that every task's log-loss decreases at a similar rate."""
 
+    config_class = FamoBalancerConfig
+
     def __init__(self, tasks: Sequence[str], **options: Any) -> None:
         super().__init__(tasks)
-        self.config = cfg = FamoBalancerConfig(**options)
+        self.config = cfg = self.config_class(**options)
         cfg.check_tasks(self.tasks)
         lr, gamma, eps, post_step_loss = cfg.lr, cfg.gamma, cfg.eps, cfg.post_step_loss
         floors = cfg.min_losses or {}

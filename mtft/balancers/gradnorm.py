@@ -107,9 +107,11 @@ class GradNorm(Balancer):
 
     needs_parameters = True
 
+    config_class = GradNormBalancerConfig
+
     def __init__(self, tasks: Sequence[str], **options: Any) -> None:
         super().__init__(tasks)
-        self.config = cfg = GradNormBalancerConfig(**options)
+        self.config = cfg = self.config_class(**options)
         self.alpha, self.lr, self.pattern = float(cfg.alpha), float(cfg.lr), cfg.shared_params
         # One scalar per task so an absent task can be left out of the Adam step entirely.
         self._params = [torch.ones((), requires_grad=True) for _ in self.tasks]

@@ -30,9 +30,11 @@ class UniformBalancerConfig:
 
 
 class Uniform(Balancer):
+    config_class = UniformBalancerConfig
+
     def __init__(self, tasks: Sequence[str], **options: Any) -> None:
         super().__init__(tasks)
-        self.config = UniformBalancerConfig(**options)
+        self.config = self.config_class(**options)
         self.config.check_tasks(self.tasks)
         weights = self.config.weights or {}
         self._weights = torch.tensor([float(weights.get(t, 1.0)) for t in self.tasks])

@@ -79,6 +79,14 @@ def launch_workers(cfg: TrainConfig, resolved_yaml: str, run_dir: Path) -> None:
 
 
 def load_launch_config(path: Path) -> TrainConfig:
-    """The resolved config a parent wrote, checked against the schema again."""
-    merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(path))
+    """The resolved config a parent wrote, checked against the schema again (the balancer against
+    its own class's, as Hydra's composition did in the parent)."""
+    from hydra.utils import get_class
+
+    loaded = OmegaConf.load(path)
+    balancer = loaded.pop("balancer")
+    merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), loaded)
+    merged.balancer = OmegaConf.merge(
+        OmegaConf.structured(get_class(balancer._target_).config_class), balancer
+    )
     return OmegaConf.to_object(merged)  # type: ignore[return-value]
