@@ -1,7 +1,8 @@
 import torch
 import torch.nn.functional as F
 
-from mtft.balancers import TaskLosses, Uniform
+from mtft.balancers import TaskLosses
+from mtft.balancers.uniform import Uniform
 from mtft.data.collator import IGNORE_INDEX, TaskCollator
 from mtft.engine.loss import per_task_token_loss
 

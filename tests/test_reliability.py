@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from mtft.balancers import Uniform
+from mtft.balancers.uniform import Uniform
 from mtft.core.errors import MtftError
 from mtft.data.config import DataConfig
 from mtft.data.jsonl import read_jsonl

@@ -1,9 +1,7 @@
-"""Loss balancers, one file each, all behind `mtft.balancers.base.Balancer`."""
+"""Loss balancers, one module each (the class and its config dataclass), all behind
+`mtft.balancers.base.Balancer`. A new balancer is a module here plus its YAML in mtft/conf/balancer/:
+`register_configs` finds its config by scanning this package."""
 
 from mtft.balancers.base import Balancer, TaskLosses
-from mtft.balancers.coba import CoBa
-from mtft.balancers.famo import FAMO
-from mtft.balancers.gradnorm import GradNorm
-from mtft.balancers.uniform import Uniform
 
-__all__ = ["FAMO", "Balancer", "CoBa", "GradNorm", "TaskLosses", "Uniform"]
+__all__ = ["Balancer", "TaskLosses"]

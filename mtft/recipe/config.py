@@ -6,6 +6,8 @@ type fails at start-up with a message naming the key, instead of being silently 
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,10 +15,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from mtft.balancers.coba import CobaBalancerConfig
-from mtft.balancers.famo import FamoBalancerConfig
-from mtft.balancers.gradnorm import GradNormBalancerConfig
-from mtft.balancers.uniform import UniformBalancerConfig
+import mtft.balancers
+from mtft.balancers.base import Balancer
 from mtft.data.config import DataConfig
 from mtft.engine.config import DeepSpeedConfig, TrainerConfig
 from mtft.launch.config import DistributedConfig
@@ -40,12 +40,16 @@ class TrainConfig:
     cache_dir: str = "${oc.env:MTFT_CACHE,'~/.cache/mtft'}"
 
 
-BALANCER_SCHEMAS = {
-    "uniform_schema": UniformBalancerConfig,
-    "coba_schema": CobaBalancerConfig,
-    "famo_schema": FamoBalancerConfig,
-    "gradnorm_schema": GradNormBalancerConfig,
-}
+def balancer_schemas() -> dict[str, type]:
+    """`<module>_schema` -> the config dataclass of the balancer defined in each mtft.balancers module."""
+    schemas = {}
+    for module in pkgutil.iter_modules(mtft.balancers.__path__):
+        name = f"mtft.balancers.{module.name}"
+        for obj in vars(importlib.import_module(name)).values():
+            defined_here = isinstance(obj, type) and obj.__module__ == name
+            if defined_here and issubclass(obj, Balancer) and "config_class" in vars(obj):
+                schemas[f"{module.name}_schema"] = obj.config_class
+    return schemas
 
 
 def register_configs() -> None:
@@ -54,7 +58,7 @@ def register_configs() -> None:
     `peft` need none: their TrainConfig fields are typed."""
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
-    for name, schema in BALANCER_SCHEMAS.items():
+    for name, schema in balancer_schemas().items():
         cs.store(name=name, node=schema)
 
 
