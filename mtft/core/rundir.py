@@ -14,7 +14,6 @@ from pathlib import Path
 
 HYDRA_DIR = ".hydra"
 CONFIG = f"{HYDRA_DIR}/config.yaml"
-HYDRA_CONFIG = f"{HYDRA_DIR}/hydra.yaml"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 CHECKPOINTS = "checkpoints"

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from mtft.core.errors import Interrupted, MtftError
+from mtft.core.rundir import TRAIN_LOG
 
 log = logging.getLogger("mtft")
 
@@ -23,7 +24,7 @@ def _setup_logging(run_dir: Path, rank: int) -> None:
     root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     root.addHandler(console_handler())
     if rank == 0:
-        file = logging.FileHandler(run_dir / "train.log")
+        file = logging.FileHandler(run_dir / TRAIN_LOG)
         file.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
         root.addHandler(file)
 

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from mtft.core.errors import MtftError
+from mtft.core.rundir import CONFIG, MODEL
 from mtft.models.adapters import quiet_peft
 from mtft.models.loading import DTYPES
 from mtft.models.saving import save_pretrained
@@ -28,7 +29,7 @@ log = logging.getLogger("mtft")
 
 def _run_model_config(run_dir: Path) -> dict[str, Any]:
     """The run's `model` config (revision, trust_remote_code), if the run dir still has it."""
-    path = run_dir / ".hydra" / "config.yaml"
+    path = run_dir / CONFIG
     if not path.is_file():
         return {}
     config = yaml.safe_load(path.read_text()) or {}
@@ -43,7 +44,7 @@ def adapter_dir(run_dir: Path) -> Path:
     """The run's saved adapter, or an error that says why there is nothing to merge."""
     if not run_dir.is_dir():
         raise MtftError(f"run dir not found: {run_dir}")
-    model_dir = run_dir / "model"
+    model_dir = run_dir / MODEL
     if not model_dir.is_dir():
         raise MtftError(
             f"{run_dir} has no model/ directory: the run has not finished, or ran with "

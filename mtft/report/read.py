@@ -16,8 +16,10 @@ from typing import Any
 
 import yaml
 
+from mtft.core.rundir import CONFIG, HYDRA_DIR, METRICS, SUMMARY
+
 # A run dir holds at least one of these; anything else next to the job dirs (report/, logs) is ignored.
-RUN_MARKERS = (".hydra", "metrics.jsonl", "summary.json")
+RUN_MARKERS = (HYDRA_DIR, METRICS, SUMMARY)
 
 
 @dataclass
@@ -98,7 +100,7 @@ def _read_json(path: Path, warnings: list[str]) -> dict[str, Any] | None:
 
 
 def _read_config(run_dir: Path, warnings: list[str]) -> dict[str, Any]:
-    path = run_dir / ".hydra" / "config.yaml"
+    path = run_dir / CONFIG
     if not path.exists():
         return {}
     try:
@@ -109,21 +111,9 @@ def _read_config(run_dir: Path, warnings: list[str]) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def balancer_name(run_dir: Path, summary: dict[str, Any] | None, config: dict[str, Any]) -> str:
-    """summary.json's balancer; else Hydra's choice; else the module of the balancer's `_target_`."""
-    if summary and summary.get("balancer"):
-        return str(summary["balancer"])
-    hydra_yaml = run_dir / ".hydra" / "hydra.yaml"
-    if hydra_yaml.exists():
-        try:
-            choice = yaml.safe_load(hydra_yaml.read_text())["hydra"]["runtime"]["choices"]["balancer"]
-            if choice:
-                return str(choice)
-        except (yaml.YAMLError, KeyError, TypeError):
-            pass
-    target = str((config.get("balancer") or {}).get("_target_", "unknown"))
-    parts = target.split(".")
-    return parts[-2] if len(parts) >= 2 else target
+def balancer_name(summary: dict[str, Any], config: dict[str, Any]) -> str:
+    """summary.json's balancer, else the config's `balancer.name` (the one name a run has)."""
+    return str(summary.get("balancer") or (config.get("balancer") or {}).get("name") or "unknown")
 
 
 def _steps_per_s(
@@ -158,7 +148,7 @@ def _per_task(values: Any, tasks: list[str]) -> dict[str, float]:
 def load_run(run_dir: Path, warnings: list[str]) -> Run | None:
     """Read one run dir; None (with a warning saying why) if it cannot be compared."""
     config = _read_config(run_dir, warnings)
-    metrics_path, summary_path = run_dir / "metrics.jsonl", run_dir / "summary.json"
+    metrics_path, summary_path = run_dir / METRICS, run_dir / SUMMARY
     rows = read_metrics(metrics_path, warnings) if metrics_path.exists() else []
     summary = _read_json(summary_path, warnings) if summary_path.exists() else None
     if summary is None:
@@ -190,7 +180,7 @@ def load_run(run_dir: Path, warnings: list[str]) -> Run | None:
     seed = summary.get("seed", config.get("seed"))
     return Run(
         path=run_dir,
-        balancer=balancer_name(run_dir, summary, config),
+        balancer=balancer_name(summary, config),
         seed=int(seed) if isinstance(seed, int) else None,
         tasks=tasks,
         steps=int(summary["steps"]),
