@@ -1,7 +1,7 @@
 """The training loop: forward -> per-task losses -> balancer.combine -> backward/step -> balancer.observe.
 
 Kept to one readable loop; everything it needs (the backend holding model and optimizer, data,
-sampler, balancer, tracker) is built by the recipe in `mtft.recipe.finetune` and handed in. The same loop
+sampler, balancer, tracker) is built by the named builders of `mtft.recipe.builders` and handed in. The same loop
 runs on one process, under DDP and under DeepSpeed: only the backend differs.
 """
 
