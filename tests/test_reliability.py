@@ -254,3 +254,34 @@ def test_secrets_never_reach_the_run_dir(mtft_env, tmp_path):
         content = path.read_bytes()
         assert not any(v.encode() in content for v in secrets.values()), path
     assert not any(v in proc.stdout + proc.stderr for v in secrets.values())
+
+
+@pytest.mark.slow
+def test_nonfinite_guard_through_the_cli_with_the_console_sink(run_mtft, tmp_path):
+    """The user's path: the real command with its default sinks (metrics.jsonl and the console, off a
+    terminal here). An absurd learning rate makes every update after the first non-finite: each is
+    skipped with a warning and a logged row, and the run stops after `max_nonfinite_steps` with exit 2."""
+    run_dir = tmp_path / "run"
+    proc = run_mtft(
+        "train",
+        "trainer.lr=1e30",
+        "trainer.max_grad_norm=null",
+        "trainer.warmup_steps=0",
+        "trainer.scheduler=constant",
+        "trainer.max_steps=12",
+        "trainer.max_nonfinite_steps=2",
+        "trainer.batch_size=8",
+        "trainer.eval_batches=1",
+        "trainer.eval_batch_size=8",
+        f"hydra.run.dir={run_dir}",
+        check=False,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.count("update skipped") == 3
+    assert (
+        "error: non-finite gradient at step 4, 3 steps in a row (trainer.max_nonfinite_steps=2)"
+        in proc.stderr
+    )
+    skipped = [r for r in read_metrics(run_dir) if r["task"] == "all" and r.get("skipped")]
+    assert [r["step"] for r in skipped] == [2, 3, 4] and all(r["loss"] is None for r in skipped)
