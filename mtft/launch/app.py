@@ -1,5 +1,5 @@
-"""`mtft train`: the Hydra application. Heavy imports wait until a run really starts,
-so `--help`, `--cfg job` and config errors answer in about a second."""
+"""`mtft train`: the Hydra application. Data, model and engine libraries wait until a run really
+starts, so `--help`, `--cfg job` and config errors need only Hydra and torch (the balancers' schemas)."""
 
 from __future__ import annotations
 

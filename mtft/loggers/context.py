@@ -44,18 +44,11 @@ class RunContext:
     balancer: str | None = None  # the balancer's name (cfg.balancer.name), whatever the config group
 
 
-def _balancer_name(cfg: Any) -> str | None:
-    balancer = getattr(cfg, "balancer", None)
-    if balancer is None and isinstance(cfg, dict):
-        balancer = cfg.get("balancer")
-    name = balancer.get("name") if isinstance(balancer, dict) else getattr(balancer, "name", None)
-    return str(name) if name is not None else None
-
-
 def run_context(cfg: Any, run_dir: Path) -> RunContext:
     """Collect the run's config and Hydra choices; works outside Hydra too (no choices then)."""
     config = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
-    ctx = RunContext(run_dir=run_dir, config=redact(config), balancer=_balancer_name(cfg))
+    balancer = (config.get("balancer") or {}).get("name")
+    ctx = RunContext(run_dir=run_dir, config=redact(config), balancer=balancer and str(balancer))
     if not HydraConfig.initialized():
         return ctx
     hydra_cfg = HydraConfig.get()

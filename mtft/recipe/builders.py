@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 from hydra.utils import get_class
-from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedTokenizerBase
 
 from mtft.balancers import Balancer
@@ -72,8 +71,6 @@ def build_data(cfg: TrainConfig) -> Data:
 
 def build_balancer(cfg: Any, tasks: list[str]) -> Balancer:
     """The balancer class `cfg._target_` names, given the other (already checked) fields of `cfg`."""
-    if isinstance(cfg, DictConfig):
-        cfg = OmegaConf.to_object(cfg)
     options = {k: v for k, v in vars(cfg).items() if k != "_target_"}
     return get_class(cfg._target_)(tasks, **options)
 
