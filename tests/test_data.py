@@ -9,7 +9,6 @@ from datasets import Dataset
 from mtft.core.errors import MtftError
 from mtft.data import codetasks
 from mtft.data.config import DataConfig, TaskConfig
-from mtft.data.jsonl import read_jsonl
 from mtft.data.mixture import build_mixture
 from mtft.data.sampler import MixtureSampler, sequence_lengths, task_probabilities
 
@@ -59,45 +58,60 @@ def test_codetasks_mixture_has_four_tasks_of_different_sizes(cache_dir):
     assert (cache_dir / "codetasks").is_dir()  # built once, cached
 
 
-# --- JSONL -------------------------------------------------------------------------------------
+# --- files ------------------------------------------------------------------------------------
 
 
-def test_jsonl_missing_file_names_the_path(tmp_path):
-    with pytest.raises(MtftError, match=r"not found: .*nope\.jsonl"):
-        read_jsonl(tmp_path / "nope.jsonl")
+def files_task(tmp_path, **task) -> DataConfig:
+    return DataConfig(source="files", tasks={"t": TaskConfig(**task)})
 
 
-def test_jsonl_malformed_line_names_file_and_line(tmp_path):
+def test_missing_file_names_the_path(tmp_path):
+    with pytest.raises(MtftError, match=r"data.tasks.t.train: no such file or directory: .*nope\.jsonl"):
+        build_mixture(files_task(tmp_path, train=[str(tmp_path / "nope.jsonl")]), tmp_path)
+
+
+def test_malformed_line_names_file_and_line(tmp_path):
     path = write_jsonl(
         tmp_path / "bad.jsonl", [{"prompt": "a", "response": "b"}, "", '{"prompt": "x", oops}']
     )
     with pytest.raises(MtftError, match=r"bad\.jsonl:3: malformed JSON"):
-        read_jsonl(path)
+        build_mixture(files_task(tmp_path, train=[str(path)]), tmp_path)
 
 
-def test_jsonl_record_without_known_fields(tmp_path):
+def test_record_without_known_fields(tmp_path):
     path = write_jsonl(tmp_path / "odd.jsonl", [{"question": "a"}])
-    with pytest.raises(MtftError, match=r"odd\.jsonl:1: .*'prompt' and 'response', or 'text'"):
-        read_jsonl(path)
+    with pytest.raises(MtftError, match=r"odd\.jsonl:1: cannot tell the record's format .*question"):
+        build_mixture(files_task(tmp_path, train=[str(path)]), tmp_path)
 
 
-def test_jsonl_prompt_response_and_text_records(tmp_path):
-    path = write_jsonl(tmp_path / "ok.jsonl", [{"prompt": "p", "response": "r"}, {"text": "t"}])
-    assert read_jsonl(path) == [{"prompt": "p", "response": "r"}, {"prompt": "", "response": "t"}]
+def test_prompt_response_and_text_records(tmp_path):
+    path = write_jsonl(tmp_path / "ok.jsonl", [{"prompt": "p", "response": "r"}])
+    text = write_jsonl(tmp_path / "text.jsonl", [{"text": "t"}])
+    mixture = build_mixture(
+        files_task(tmp_path, train=[str(path), str(text)], validation=[str(path)]), tmp_path
+    )
+    rows = mixture.train["t"]
+    assert [(r["roles"], r["contents"]) for r in rows] == [
+        (["user", "assistant"], ["p", "r"]),
+        (["text"], ["t"]),
+    ]
 
 
 def test_task_with_no_examples_is_an_error(tmp_path):
     empty = write_jsonl(tmp_path / "empty.jsonl", [])
     cfg = DataConfig(source="jsonl", tasks={"t": TaskConfig(train=[str(empty)], val_fraction=0.5)})
-    with pytest.raises(MtftError, match="task 't' has no training examples"):
+    with pytest.raises(MtftError, match=r"empty\.jsonl: no records"):
         build_mixture(cfg, tmp_path)
 
 
 def test_empty_validation_set_is_an_error(tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", [{"text": f"x{i}"} for i in range(10)])
-    val = write_jsonl(tmp_path / "val.jsonl", [])
-    cfg = DataConfig(source="jsonl", tasks={"t": TaskConfig(train=[str(train)], validation=[str(val)])})
+    cfg = DataConfig(source="files", tasks={"t": TaskConfig(train=[str(train)], val_fraction=0.001)})
     with pytest.raises(MtftError, match="task 't' has an empty validation set"):
+        build_mixture(cfg, tmp_path)
+    val = write_jsonl(tmp_path / "val.jsonl", [])
+    cfg = DataConfig(source="files", tasks={"t": TaskConfig(train=[str(train)], validation=[str(val)])})
+    with pytest.raises(MtftError, match=r"val\.jsonl: no records \(the file is empty\)"):
         build_mixture(cfg, tmp_path)
 
 
@@ -109,11 +123,13 @@ def test_val_fraction_holds_out_deterministically_and_caps_apply(tmp_path):
         source="jsonl", tasks={"t": TaskConfig(train=[str(train)], val_fraction=0.25, max_train_samples=100)}
     )
     a, b = build_mixture(cfg, tmp_path), build_mixture(cfg, tmp_path)
-    assert a.validation == b.validation and a.train == b.train
+    assert a.validation["t"]["key"] == b.validation["t"]["key"] and a.train["t"]["key"] == b.train["t"]["key"]
     assert len(a.train["t"]) == 100
     assert 60 < len(a.validation["t"]) < 140
-    seen = {ex["prompt"] for ex in a.train["t"]}
-    assert not seen & {ex["prompt"] for ex in a.validation["t"]}
+    seen = {c[0] for c in a.train["t"]["contents"]}
+    assert not seen & {c[0] for c in a.validation["t"]["contents"]}
+    assert a.counts["t"].read == 400 and a.counts["t"].held_out == len(a.validation["t"])
+    assert a.counts["t"].capped == 400 - 100 - len(a.validation["t"])
 
 
 # --- sampler -----------------------------------------------------------------------------------
@@ -232,7 +248,7 @@ def test_group_by_length_needs_lengths_and_sequence_lengths_reads_arrow():
         MixtureSampler([0, 1], batch_size=1, group_by_length=True)
     with pytest.raises(MtftError, match="got 1 lengths for 2 examples"):
         MixtureSampler([0, 1], batch_size=1, lengths=[3])
-    rows = {"input_ids": [[1, 2, 3], [4], [5, 6]], "prompt_len": [1, 0, 1], "task_id": [0, 1, 0]}
+    rows = {"input_ids": [[1, 2, 3], [4], [5, 6]], "labels": [[1, 2, 3], [4], [5, 6]], "task_id": [0, 1, 0]}
     assert sequence_lengths(Dataset.from_dict(rows)) == [3, 1, 2]
     assert sequence_lengths([{"input_ids": [1, 2]}, {"input_ids": [3]}]) == [2, 1]
 

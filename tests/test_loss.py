@@ -26,10 +26,12 @@ def random_batch(seed: int = 0, batch: int = 9, length: int = 13, vocab: int = 3
     rows = []
     for i in range(batch):
         n = int(torch.randint(3, length + 1, (1,), generator=g))
+        ids = torch.randint(3, vocab, (n,), generator=g).tolist()
+        p = int(torch.randint(1, n - 1, (1,), generator=g))
         rows.append(
             {
-                "input_ids": torch.randint(3, vocab, (n,), generator=g).tolist(),
-                "prompt_len": int(torch.randint(1, n - 1, (1,), generator=g)),
+                "input_ids": ids,
+                "labels": [IGNORE_INDEX] * p + ids[p:],
                 "task_id": i % (num_tasks - 1),  # the last task is absent on purpose
             }
         )
@@ -60,8 +62,8 @@ def test_per_task_loss_ignores_prompt_and_padding_logits():
 
 def test_collator_masks_prompt_and_padding_and_carries_task_ids():
     rows = [
-        {"input_ids": [5, 6, 7, 8], "prompt_len": 2, "task_id": 1},
-        {"input_ids": [9, 10], "prompt_len": 1, "task_id": 0},
+        {"input_ids": [5, 6, 7, 8], "labels": [-100, -100, 7, 8], "task_id": 1},
+        {"input_ids": [9, 10], "labels": [-100, 10], "task_id": 0},
     ]
     batch = TaskCollator(pad_token_id=0)(rows)
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8], [9, 10, 0, 0]]

@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from mtft.core.errors import MtftError
 from mtft.data.collator import IGNORE_INDEX, TaskCollator
 from mtft.data.mixture import Mixture, tokenize_mixture
+from mtft.data.templates import resolve_template
 from mtft.models.config import ModelConfig
 from mtft.models.loading import load_tokenizer, resolve_path
 from mtft.recipe.config import TrainConfig, conf_dir, register_configs
@@ -98,14 +99,22 @@ def tokenizer(tmp_path_factory):
 
 def mixture() -> Mixture:
     qa = [{"prompt": "What is 1 plus 2?", "response": "The answer is 3."}]
-    lm = [{"prompt": "", "response": "def add(a, b):\n    return a + b\n"}]  # a {"text"} record
-    return Mixture(tasks=["qa", "lm"], train={"qa": qa, "lm": lm}, validation={"qa": qa, "lm": lm})
+    lm = [{"text": "def add(a, b):\n    return a + b\n"}]
+    return Mixture.from_records({"qa": qa, "lm": lm}, {"qa": qa, "lm": lm})
+
+
+def learned(row: dict) -> int:
+    """Where the learned tokens start; they must run to the end."""
+    labels = row["labels"]
+    start = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+    assert labels[start:] == row["input_ids"][start:]
+    return start
 
 
 def test_chat_format_renders_user_and_assistant_turns_and_masks_the_prompt(tokenizer, tmp_path):
-    data = tokenize_mixture(mixture(), tokenizer, 128, tmp_path, prompt_format="chat")
+    data = tokenize_mixture(mixture(), tokenizer, 128, tmp_path, template=tokenizer.chat_template)
     row = data.train[0]
-    ids, plen = row["input_ids"], row["prompt_len"]
+    ids, plen = row["input_ids"], learned(row)
     expected_prompt = (
         "<|im_start|>system\nYou are helpful.<|im_end|>\n"
         "<|im_start|>user\nWhat is 1 plus 2?<|im_end|>\n<|im_start|>assistant\n"
@@ -120,7 +129,7 @@ def test_chat_format_renders_user_and_assistant_turns_and_masks_the_prompt(token
     assert tokenizer.decode(ids) == tokenizer.apply_chat_template(conversation, tokenize=False)
     assert ids[0] != tokenizer.bos_token_id and ids[-1] != tokenizer.eos_token_id
 
-    # The collator masks the whole templated prompt; the loss sees the response and end of turn.
+    # The collator keeps the mask; the loss sees the response and end of turn.
     batch = TaskCollator(tokenizer.pad_token_id)([data.train[0], data.train[1]])
     labels = batch["labels"][0]
     assert (labels[:plen] == IGNORE_INDEX).all()
@@ -128,42 +137,44 @@ def test_chat_format_renders_user_and_assistant_turns_and_masks_the_prompt(token
 
 
 def test_text_records_stay_plain_in_chat_format(tokenizer):
-    data = tokenize_mixture(mixture(), tokenizer, 128, prompt_format="chat")
+    data = tokenize_mixture(mixture(), tokenizer, 128, template=tokenizer.chat_template)
     row = data.train[1]
     text = tokenizer("def add(a, b):\n    return a + b\n", add_special_tokens=False)["input_ids"]
     assert row["input_ids"] == [tokenizer.bos_token_id, *text, tokenizer.eos_token_id]
-    assert row["prompt_len"] == 1
+    assert row["labels"] == row["input_ids"]
 
 
 def test_plain_format_is_unchanged_and_cached_apart(tokenizer, tmp_path):
     plain = tokenize_mixture(mixture(), tokenizer, 128, tmp_path)
-    chat = tokenize_mixture(mixture(), tokenizer, 128, tmp_path, prompt_format="chat")
+    chat = tokenize_mixture(mixture(), tokenizer, 128, tmp_path, template=tokenizer.chat_template)
     prompt = tokenizer("What is 1 plus 2?", add_special_tokens=False)["input_ids"]
     response = tokenizer("The answer is 3.", add_special_tokens=False)["input_ids"]
     assert plain.train[0]["input_ids"] == [tokenizer.bos_token_id, *prompt, *response, tokenizer.eos_token_id]
+    assert learned(plain.train[0]) == 1 + len(prompt)
     assert plain.train[0]["input_ids"] != chat.train[0]["input_ids"]
     assert len(list((tmp_path / "tokenized").iterdir())) == 2  # one cache entry per format
 
 
-def test_template_whose_prompt_is_not_a_prefix_masks_only_the_shared_part(tokenizer):
-    """Some templates render the generation prompt differently from a finished assistant turn."""
-    tok = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
-    tok.chat_template = (
+def test_template_whose_prompt_is_not_a_prefix_is_refused(tokenizer):
+    """A template that renders the generation prompt unlike a finished assistant turn cannot be masked."""
+    template = (
         "{% for m in messages %}[{{ m['role'] }}]{% if m['role'] == 'assistant' %}{{ m['content'] }}"
         "{% else %}\n{{ m['content'] }}\n{% endif %}{% endfor %}"
         "{% if add_generation_prompt %}[assistant]\n{% endif %}"
     )
-    data = tokenize_mixture(mixture(), tok, 128, prompt_format="chat")
-    ids, plen = data.train[0]["input_ids"], data.train[0]["prompt_len"]
-    assert tok.decode(ids[:plen]) == "[user]What is 1 plus 2?\n[assistant]"  # trim_blocks eats a newline
-    assert tok.decode(ids[plen:]) == "The answer is 3."
+    with pytest.raises(
+        MtftError, match="task 'qa': the chat template does not render this conversation prefix"
+    ):
+        tokenize_mixture(mixture(), tokenizer, 128, template=template)
 
 
 def test_chat_format_without_a_template_is_a_clear_error(tokenizer):
     tok = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
     tok.chat_template = None
-    with pytest.raises(MtftError, match="no chat template.*model.prompt_format=plain"):
-        tokenize_mixture(mixture(), tok, 128, prompt_format="chat")
+    with pytest.raises(
+        MtftError, match="no chat template.*model.chat_template=plain.*model.prompt_format=plain"
+    ):
+        resolve_template(None, tok)
 
 
 @pytest.mark.slow

@@ -12,9 +12,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from mtft.balancers.uniform import Uniform
 from mtft.core.errors import MtftError
-from mtft.data.config import DataConfig
-from mtft.data.jsonl import read_jsonl
-from mtft.data.mixture import Mixture, tokenize_mixture
+from mtft.data.config import DataConfig, TaskConfig
+from mtft.data.mixture import Mixture, build_mixture, tokenize_mixture
 from mtft.engine.backend import autocast_for
 from mtft.engine.config import TrainerConfig
 from mtft.engine.loop import Trainer
@@ -37,9 +36,7 @@ def tokenizer():
 
 def small_mixture() -> Mixture:
     ex = [{"prompt": f"# task {i}\n", "response": t} for i, t in enumerate(TEXTS)]
-    return Mixture(
-        tasks=["a", "b"], train={"a": ex[:30], "b": ex[10:]}, validation={"a": ex[30:], "b": ex[:10]}
-    )
+    return Mixture.from_records({"a": ex[:30], "b": ex[10:]}, {"a": ex[30:], "b": ex[:10]})
 
 
 class NaNAt(torch.nn.Module):
@@ -158,10 +155,8 @@ def test_tokenizer_without_pad_token_pads_with_eos(tokenizer, tmp_path, caplog):
 
 
 def test_too_long_examples_truncate_or_error(tokenizer):
-    long = Mixture(
-        tasks=["a"],
-        train={"a": [{"prompt": "x " * 50, "response": "y " * 50}]},
-        validation={"a": [{"prompt": "p", "response": "r"}]},
+    long = Mixture.from_records(
+        {"a": [{"prompt": "x " * 50, "response": "y " * 50}]}, {"a": [{"prompt": "p", "response": "r"}]}
     )
     data = tokenize_mixture(long, tokenizer, 32)
     assert data.truncated == [1] and len(data.train[0]["input_ids"]) == 32
@@ -172,9 +167,9 @@ def test_too_long_examples_truncate_or_error(tokenizer):
 @pytest.mark.parametrize(
     "record, message",
     [
-        ({"prompt": "", "response": "r"}, "empty prompt"),
-        ({"prompt": "p", "response": "  "}, "empty response"),
-        ({"text": ""}, "empty text"),
+        ({"prompt": "", "response": "r"}, r"message 1 \(user\): empty content"),
+        ({"prompt": "p", "response": "  "}, r"message 2 \(assistant\): empty content"),
+        ({"text": "t"}, "record has no 'prompt' field; this file's format is prompt_response"),
         (
             {"prompt": "p", "response": "r", "task": "other"},
             "record is for task 'other' but this file belongs to task 'qa'",
@@ -184,8 +179,9 @@ def test_too_long_examples_truncate_or_error(tokenizer):
 def test_bad_records_name_file_and_line(tmp_path, record, message):
     path = tmp_path / "qa.jsonl"
     path.write_text(json.dumps({"prompt": "ok", "response": "ok"}) + "\n" + json.dumps(record) + "\n")
+    cfg = DataConfig(source="files", tasks={"qa": TaskConfig(train=[str(path)], validation=[str(path)])})
     with pytest.raises(MtftError, match=rf"qa\.jsonl:2: {message}"):
-        read_jsonl(path, task="qa")
+        build_mixture(cfg, tmp_path)
 
 
 def test_duplicated_task_names_are_refused(run_mtft, tmp_path):

@@ -148,12 +148,16 @@ def build(val_percent: int, salt: str) -> dict[str, dict[str, list[Example]]]:
     return data
 
 
-def load_cached(cache_dir: Path, val_percent: int, salt: str) -> dict[str, dict[str, list[Example]]]:
-    """Build once per interpreter/stdlib/settings and reuse; the file is written atomically."""
-    key = hashlib.sha1(
+def cache_key(val_percent: int, salt: str) -> str:
+    """Identifies a build: the interpreter and its stdlib, and the split settings."""
+    return hashlib.sha1(
         json.dumps([BUILDER_VERSION, sys.version, str(stdlib_root()), val_percent, salt]).encode()
     ).hexdigest()[:16]
-    path = cache_dir / "codetasks" / f"{key}.json"
+
+
+def load_cached(cache_dir: Path, val_percent: int, salt: str) -> dict[str, dict[str, list[Example]]]:
+    """Build once per interpreter/stdlib/settings and reuse; the file is written atomically."""
+    path = cache_dir / "codetasks" / f"{cache_key(val_percent, salt)}.json"
     if path.exists():
         return json.loads(path.read_text())
     data = build(val_percent, salt)

@@ -1,4 +1,4 @@
-"""Batches of tokenized examples: padded inputs, labels with prompt and padding masked, task ids."""
+"""Batches of tokenized examples: padded inputs, labels (padding masked too), task ids."""
 
 from __future__ import annotations
 
@@ -22,10 +22,9 @@ class TaskCollator:
         labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
         for i, row in enumerate(rows):
-            ids = torch.as_tensor(row["input_ids"], dtype=torch.long)
-            n, p = len(ids), row["prompt_len"]
-            input_ids[i, :n] = ids
-            labels[i, p:n] = ids[p:]
+            n = len(row["input_ids"])
+            input_ids[i, :n] = torch.as_tensor(row["input_ids"], dtype=torch.long)
+            labels[i, :n] = torch.as_tensor(row["labels"], dtype=torch.long)
             attention_mask[i, :n] = 1
         task_ids = torch.tensor([r["task_id"] for r in rows], dtype=torch.long)
         return {

@@ -13,7 +13,36 @@ from mtft.core.schema import Choice, at_least, choice, in_unit_interval, positiv
 
 class DataSource(Choice):
     codetasks = "codetasks"  # the embedded mixture, generated from the Python standard library
-    jsonl = "jsonl"  # your own files, listed per task
+    files = "files"  # your own data per task: local files, directories, globs or a Hub dataset
+    jsonl = "jsonl"  # the former name of `files`, kept so existing configs run
+
+
+class Format(Choice):
+    """The shape of a task's records (see mtft/data/formats.py)."""
+
+    auto = "auto"  # detected from the first record of each file
+    messages = "messages"  # OpenAI/TRL: {"messages": [{"role": system|user|assistant, "content"}]}
+    sharegpt = "sharegpt"  # {"conversations": [{"from": system|human|gpt, "value"}]}
+    chat_rounds = "chat_rounds"  # MFTCoder: {"chat_rounds": [{"role": system|human|bot, "content"}]}
+    alpaca = "alpaca"  # {"instruction", "input", "output", "system"?}
+    prompt_response = "prompt_response"  # {"prompt", "response"}
+    text = "text"  # {"text"}: every token is learned
+
+
+class TrainOn(Choice):
+    """Which tokens of a conversation the loss covers."""
+
+    all_assistant = "all_assistant"  # every assistant turn, with its end-of-turn token
+    last_assistant = "last_assistant"  # the final assistant turn only
+    all = "all"  # every token, template and user turns included
+
+
+# Fields a task's `columns:` may rename: record fields, then the role and content keys of a message.
+COLUMN_KEYS = (
+    "messages", "conversations", "chat_rounds", "instruction", "input", "output", "system", "prompt",
+    "response", "text", "role", "content",
+)  # fmt: skip
+ROLES = ("system", "user", "assistant")
 
 
 class Truncation(Choice):
@@ -28,11 +57,31 @@ class Sampling(Choice):
 
 
 @dataclass
-class TaskConfig:
-    """One task of a mixture. JSONL sources list files; the embedded codetasks source generates them."""
+class HubSource:
+    """A dataset on the Hugging Face Hub (downloaded by `datasets` only because a task names it)."""
 
-    train: list[str] = field(default_factory=list)  # JSONL files of the task
+    path: str = MISSING  # dataset id, e.g. tatsu-lab/alpaca
+    name: str | None = None  # the dataset's configuration (subset)
+    split: str = "train"
+    validation_split: str | None = None  # null: hold out `val_fraction` of `split`
+    revision: str | None = None  # pin a commit for reproducible runs
+
+
+@dataclass
+class TaskConfig:
+    """One task of a mixture: where its records are and how to read them (codetasks generates its own)."""
+
+    # Files, directories (every data file inside) or globs: .jsonl .json .jsonl.gz .json.gz .csv
+    # .parquet .arrow, or a `Dataset.save_to_disk` directory.
+    train: list[str] = field(default_factory=list)
     validation: list[str] = field(default_factory=list)
+    hub: HubSource | None = None  # instead of files
+    format: Format = Format.auto
+    columns: dict[str, str] = field(
+        default_factory=dict
+    )  # our field name -> the data's, e.g. {prompt: question}
+    roles: dict[str, str] = field(default_factory=dict)  # the data's role -> system|user|assistant
+    train_on: TrainOn = TrainOn.all_assistant
     # Fraction of `train` held out for validation when no validation files are given.
     val_fraction: float = 0.05
     max_train_samples: int | None = None  # keep only the first N examples (quick experiments)
@@ -40,7 +89,27 @@ class TaskConfig:
 
     def check(self, name: str) -> None:
         """Range checks; called by DataConfig, which knows the task's name for the message."""
-        in_unit_interval(f"data.tasks.{name}.val_fraction", self.val_fraction)
+        key = f"data.tasks.{name}"
+        self.format = choice(f"{key}.format", Format, self.format)
+        self.train_on = choice(f"{key}.train_on", TrainOn, self.train_on)
+        if isinstance(self.hub, dict):
+            self.hub = HubSource(**self.hub)
+        for field_name, column in self.columns.items():
+            require(
+                field_name in COLUMN_KEYS,
+                f"{key}.columns",
+                f"keyed by one of {list(COLUMN_KEYS)}",
+                field_name,
+            )
+            require(
+                isinstance(column, str) and bool(column),
+                f"{key}.columns.{field_name}",
+                "a column name",
+                column,
+            )
+        for role, target in self.roles.items():
+            require(target in ROLES, f"{key}.roles.{role}", f"one of {list(ROLES)}", target)
+        in_unit_interval(f"{key}.val_fraction", self.val_fraction)
         for key in ("max_train_samples", "max_val_samples"):
             if getattr(self, key) is not None:
                 at_least(f"data.tasks.{name}.{key}", getattr(self, key), 1)
@@ -53,8 +122,9 @@ class DataConfig:
     # command line (Hydra cannot add a key to a dict of dataclasses); `__post_init__` turns each entry
     # into a checked TaskConfig, so the rest of mtft sees `dict[str, TaskConfig]`.
     tasks: dict[str, Any] = field(default_factory=dict)
-    max_length: int = 256  # tokens per sequence (prompt + response)
+    max_length: int = 256  # tokens per sequence (a whole conversation)
     truncation: Truncation = Truncation.truncate  # what happens to longer examples
+    num_proc: int = 1  # processes for reading and tokenizing (datasets.map); results are cached
     sampling: Sampling = Sampling.proportional  # how batches draw from the tasks
     temperature: float = 2.0  # t of `sampling: temperature`
     # Length-grouped batching: sort each window of `group_batches` global batches by length (like
@@ -71,6 +141,7 @@ class DataConfig:
         self.truncation = choice("data.truncation", Truncation, self.truncation)
         self.sampling = choice("data.sampling", Sampling, self.sampling)
         at_least("data.max_length", self.max_length, 2)
+        at_least("data.num_proc", self.num_proc, 1)
         positive("data.temperature", self.temperature)
         at_least("data.group_batches", self.group_batches, 1)
         require(0 < self.val_percent < 100, "data.val_percent", "in 1..99", self.val_percent)
@@ -80,11 +151,16 @@ class DataConfig:
 
             unknown = sorted(set(self.tasks) - set(TASKS))
             require(not unknown, "data.tasks", f"tasks of codetasks ({', '.join(TASKS)})", unknown)
-        elif self.source == DataSource.jsonl:
+        elif self.source in (DataSource.files, DataSource.jsonl):
             for name, task in self.tasks.items():
-                if not task.train:
-                    raise MtftError(f"task '{name}': no training files given (data.tasks.{name}.train)")
-                if not task.validation and task.val_fraction == 0:
+                if not task.train and task.hub is None:
+                    raise MtftError(
+                        f"task '{name}': no training data given (data.tasks.{name}.train or .hub)"
+                    )
+                if task.train and task.hub is not None:
+                    raise MtftError(f"task '{name}': give data.tasks.{name}.train files or .hub, not both")
+                held_out = task.validation or (task.hub is not None and task.hub.validation_split)
+                if not held_out and task.val_fraction == 0:
                     raise MtftError(
                         f"task '{name}': give data.tasks.{name}.validation files or a val_fraction in (0, 1)"
                     )

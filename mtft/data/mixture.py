@@ -1,42 +1,71 @@
-"""A mixture: named tasks, each with train and validation examples, then tokenized for training.
+"""A mixture: named tasks, each with train and validation conversations, then tokenized for training.
 
-Raw examples are `{"prompt", "response"}` strings; tokenization turns each into `input_ids` plus the
-number of leading prompt tokens, which the collator masks out of the labels. With
-`model.prompt_format=chat` the pair is first rendered with the tokenizer's chat template (prompt as
-the user turn, response as the assistant turn), so an instruct model is trained in the format it
-is prompted with; the template's header and user turn are masked like a plain prompt.
+Records are read per task (mtft/data/sources.py) as conversations; tasks without validation files
+hold out a content-hashed `val_fraction`, so the same record always lands on the same side. Then every
+conversation is rendered (plain, or with a chat template) and tokenized into `input_ids` and `labels`
+by a cached `Dataset.map`. Everything stays in memory-mapped Arrow files under the cache dir.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
 import logging
-import os
-from dataclasses import dataclass
+import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from datasets import Dataset
+import pyarrow.compute as pc
+from datasets import Dataset, Features, Sequence, Value, concatenate_datasets
 
 from mtft.core.cache import build_dir_once
 from mtft.core.errors import MtftError
 from mtft.data import codetasks
-from mtft.data.config import DataConfig, DataSource, TaskConfig
-from mtft.data.jsonl import Example, read_jsonl
+from mtft.data.config import DataConfig, DataSource, Format, TaskConfig, TrainOn
+from mtft.data.encode import Encoder
+from mtft.data.formats import Reader, RecordError, detect
+from mtft.data.sources import Origins, TaskReader, content_key, fingerprint
 
 log = logging.getLogger(__name__)
 
-TOKENIZE_VERSION = 2
+TOKENIZE_VERSION = 3
+TOKENIZED = Features(
+    {
+        "input_ids": Sequence(Value("int32")),
+        "labels": Sequence(Value("int32")),
+        "task_id": Value("int32"),
+        "truncated": Value("bool"),
+    }
+)
+
+
+@dataclass
+class TaskCounts:
+    """What became of a task's records: read, held out for validation, left out by a cap."""
+
+    read: int = 0
+    held_out: int = 0
+    capped: int = 0
 
 
 @dataclass
 class Mixture:
-    """Raw text per task and split, in a fixed task order (the task ids used everywhere)."""
+    """Conversations per task and split (columns of sources.COLUMNS), in a fixed task order (the task ids)."""
 
     tasks: list[str]
-    train: dict[str, list[Example]]
-    validation: dict[str, list[Example]]
+    train: dict[str, Dataset]
+    validation: dict[str, Dataset]
+    fingerprints: dict[str, str]  # per task: identifies its records and split settings
+    origins: Origins = field(default_factory=Origins)
+    counts: dict[str, TaskCounts] = field(default_factory=dict)
+
+    @classmethod
+    def from_records(cls, train: dict[str, list[dict]], validation: dict[str, list[dict]]) -> Mixture:
+        """A mixture of in-memory records (any format), e.g. for tests; fingerprinted by content."""
+        splits = [
+            {t: conversations(records) for t, records in split.items()} for split in (train, validation)
+        ]
+        fingerprints = {t: fingerprint(splits[0][t]["key"], splits[1][t]["key"]) for t in train}
+        return cls(list(train), splits[0], splits[1], fingerprints)
 
     def corpus(self, max_chars: int) -> list[str]:
         """Training text, interleaved over tasks, for fitting a tokenizer."""
@@ -44,59 +73,100 @@ class Mixture:
         for i in range(max(len(v) for v in self.train.values())):
             for task in self.tasks:
                 if i < len(self.train[task]):
-                    ex = self.train[task][i]
-                    texts.append(ex["prompt"] + ex["response"])
+                    texts.append("".join(self.train[task][i]["contents"]))
                     total += len(texts[-1])
                     if total >= max_chars:
                         return texts
         return texts
 
 
-def _key(example: Example) -> str:
-    return hashlib.sha1((example["prompt"] + "\x00" + example["response"]).encode()).hexdigest()
+def conversations(records: list[dict], task: TaskConfig | None = None, file_id: int = -1) -> Dataset:
+    """In-memory records (any format) as a conversation Dataset; for generated data and tests."""
+    task = task or TaskConfig()
+    reader = None
+    columns: dict[str, list] = {"roles": [], "contents": [], "key": [], "file_id": [], "row": []}
+    for row, record in enumerate(records):
+        if reader is None:
+            fmt = detect(record, task.columns) if task.format == Format.auto else task.format
+            reader = Reader(fmt, task.columns, task.roles)
+        roles, contents = reader.conversation(record)
+        for name, value in zip(columns, (roles, contents, content_key(contents), file_id, row), strict=True):
+            columns[name].append(value)
+    return Dataset.from_dict(columns)
 
 
-def _stable_order(examples: list[Example]) -> list[Example]:
+def _hold_out(ds: Dataset, fraction: float) -> tuple[Dataset, Dataset]:
+    """(rest, held out): a record is held out when its content hash falls below `fraction`."""
+    threshold = int(fraction * 2**32)
+    kwargs = {"input_columns": "key", "batched": True}
+    rest = ds.filter(_held_out, fn_kwargs={"threshold": threshold, "held": False}, **kwargs)
+    return rest, ds.filter(_held_out, fn_kwargs={"threshold": threshold, "held": True}, **kwargs)
+
+
+def _held_out(keys: list[str], threshold: int, held: bool) -> list[bool]:
+    return [(int(k[:8], 16) < threshold) == held for k in keys]
+
+
+def _stable_order(ds: Dataset) -> Dataset:
     """An order that depends only on content, so caps and eval subsets are the same on every run."""
-    return sorted(examples, key=_key)
+    return ds.sort("key") if len(ds) else ds
 
 
-def _cap(examples: list[Example], limit: int | None) -> list[Example]:
-    return examples if limit is None else _stable_order(examples)[:limit]
+def _cap(ds: Dataset, limit: int | None) -> Dataset:
+    return ds if limit is None or limit >= len(ds) else _stable_order(ds).select(range(limit))
 
 
-def _jsonl_task(name: str, task: TaskConfig) -> tuple[list[Example], list[Example]]:
-    train = [ex for path in task.train for ex in read_jsonl(path, name)]
-    if task.validation:
-        return train, [ex for path in task.validation for ex in read_jsonl(path, name)]
-    # Hash-based hold-out: the same example always lands on the same side, duplicates included.
-    threshold = int(task.val_fraction * 2**32)
-    val = [ex for ex in train if int(_key(ex)[:8], 16) < threshold]
-    rest = [ex for ex in train if int(_key(ex)[:8], 16) >= threshold]
-    return rest, val
+def _read_task(name: str, task: TaskConfig, cfg: DataConfig, cache_dir: Path, origins: Origins):
+    """(train, validation or None) conversations of one of the user's tasks."""
+    read = TaskReader(name, task, origins, cache_dir, cfg.num_proc)
+    if task.hub is not None:
+        split = task.hub.validation_split
+        return read.hub(task.hub.split), read.hub(split) if split else None
+    key = f"data.tasks.{name}"
+    return read.files(task.train, f"{key}.train"), read.files(
+        task.validation, f"{key}.validation"
+    ) if task.validation else None
 
 
 def build_mixture(cfg: DataConfig, cache_dir: Path) -> Mixture:
-    tasks = cfg.tasks
+    """Read every task's records (or the embedded codetasks) and split them; errors name file and line."""
+    origins = Origins()
+    raw: dict[str, tuple[Dataset, Dataset | None]] = {}
+    fingerprints: dict[str, str] = {}
     if cfg.source == DataSource.codetasks:
         built = codetasks.load_cached(cache_dir, cfg.val_percent, cfg.split_salt)
-        raw = {name: (built[name]["train"], built[name]["validation"]) for name in cfg.tasks}
+        build_key = codetasks.cache_key(cfg.val_percent, cfg.split_salt)
+        for name in cfg.tasks:
+            raw[name] = (conversations(built[name]["train"]), conversations(built[name]["validation"]))
+            fingerprints[name] = fingerprint("codetasks", build_key, name)
     else:
-        raw = {name: _jsonl_task(name, task) for name, task in tasks.items()}
+        for name, task in cfg.tasks.items():
+            raw[name] = _read_task(name, task, cfg, cache_dir, origins)
+            fingerprints[name] = fingerprint(
+                [raw[name][0]._fingerprint, raw[name][1]._fingerprint if raw[name][1] is not None else None]
+            )
 
-    train, validation = {}, {}
-    for name, task in tasks.items():
+    train, validation, counts = {}, {}, {}
+    for name, task in cfg.tasks.items():
         tr, va = raw[name]
+        count = counts[name] = TaskCounts(read=len(tr) + (len(va) if va is not None else 0))
+        if va is None:
+            tr, va = _hold_out(tr, task.val_fraction)
+            count.held_out = len(va)
         train[name] = _cap(tr, task.max_train_samples)
         validation[name] = _stable_order(_cap(va, task.max_val_samples))
-        if not train[name]:
+        count.capped = len(tr) + len(va) - len(train[name]) - len(validation[name])
+        fingerprints[name] = fingerprint(
+            fingerprints[name], task.val_fraction, task.max_train_samples, task.max_val_samples, task.train_on
+        )
+        if not len(train[name]):
             raise MtftError(f"task '{name}' has no training examples")
-        if not validation[name]:
+        if not len(validation[name]):
             raise MtftError(
                 f"task '{name}' has an empty validation set: give data.tasks.{name}.validation files "
                 "or a larger val_fraction"
             )
-    return Mixture(tasks=list(cfg.tasks), train=train, validation=validation)
+    return Mixture(list(cfg.tasks), train, validation, fingerprints, origins, counts)
 
 
 @dataclass
@@ -104,7 +174,7 @@ class TokenizedMixture:
     """Token ids per example with task ids; validation rows are ordered by task, content-stable within."""
 
     tasks: list[str]
-    train: Dataset  # columns: input_ids, prompt_len, task_id
+    train: Dataset  # columns: input_ids, labels, task_id
     validation: Dataset
     val_rows: list[list[int]]  # per task: row indices into `validation`
     truncated: list[int]  # per task: examples (train + validation) cut to max_length
@@ -114,114 +184,41 @@ class TokenizedMixture:
         return self.train["task_id"]
 
 
-def chat_texts(examples: list[Example], tokenizer) -> tuple[list[str], list[str]]:
-    """Each example rendered with the chat template, split into the part to mask and the part to learn.
-
-    The first is the conversation up to the assistant's turn (system prompt and user turn included,
-    plus the generation prompt the model will be given at inference); the second is the rest of the
-    full conversation: the response and the template's end-of-turn marker.
-    """
-    user = [[{"role": "user", "content": ex["prompt"]}] for ex in examples]
-    full = [
-        [*u, {"role": "assistant", "content": ex["response"]}] for u, ex in zip(user, examples, strict=True)
-    ]
-    prompts = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
-    rendered = tokenizer.apply_chat_template(full, tokenize=False)
-    prompt_texts, response_texts = [], []
-    for prompt, whole in zip(prompts, rendered, strict=True):
-        # A template may render the last turn differently once an answer follows; mask only what
-        # both renderings share, so no response text is ever masked.
-        cut = len(prompt) if whole.startswith(prompt) else len(os.path.commonprefix([prompt, whole]))
-        prompt_texts.append(whole[:cut])
-        response_texts.append(whole[cut:])
-    return prompt_texts, response_texts
-
-
-def _tokenize(
-    examples: list[tuple[int, Example]],
-    tokenizer,
-    max_length: int,
-    truncated: list[int],
-    prompt_format: str = "plain",
-) -> dict[str, list]:
-    """Token ids and prompt lengths; counts the examples cut to `max_length` per task into `truncated`."""
-    prompt_texts = [ex["prompt"] for _, ex in examples]
-    response_texts = [ex["response"] for _, ex in examples]
-    templated = [False] * len(examples)
-    if prompt_format == "chat":
-        # `{"text"}` records (no prompt) are plain text to learn, not a conversation: left as they are.
-        chat = [i for i, (_, ex) in enumerate(examples) if ex["prompt"]]
-        if chat:
-            rendered = chat_texts([examples[i][1] for i in chat], tokenizer)
-            for i, p, r in zip(chat, *rendered, strict=True):
-                prompt_texts[i], response_texts[i], templated[i] = p, r, True
-    prompts = tokenizer(prompt_texts, add_special_tokens=False)["input_ids"]
-    responses = tokenizer(response_texts, add_special_tokens=False)["input_ids"]
-    plain_bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    plain_eos = [tokenizer.eos_token_id]
-    cols: dict[str, list] = {"input_ids": [], "prompt_len": [], "task_id": []}
-    for (task_id, _), p, r, chat_format in zip(examples, prompts, responses, templated, strict=True):
-        # A chat template writes its own begin-of-text and end-of-turn tokens.
-        bos, eos = ([], []) if chat_format else (plain_bos, plain_eos)
-        r = r + eos
-        if len(bos) + len(p) + len(r) > max_length:
-            # Keep the end of the prompt (nearest the answer) and the start of the response.
-            truncated[task_id] += 1
-            budget = max(max_length - len(r), max_length // 2) - len(bos)
-            p = p[-budget:] if budget > 0 else []
-            r = r[: max_length - len(bos) - len(p)]
-        p = bos + p
-        cols["input_ids"].append(p + r)
-        cols["prompt_len"].append(len(p))
-        cols["task_id"].append(task_id)
-    return cols
-
-
-def _fingerprint(mixture: Mixture, tokenizer, max_length: int, prompt_format: str = "plain") -> str:
-    """Identifies a tokenized mixture: every example's text, the tokenizer itself and max_length."""
-    h = hashlib.sha1(json.dumps([TOKENIZE_VERSION, mixture.tasks, max_length]).encode())
-    if prompt_format != "plain":  # plain keeps the fingerprints (and caches) of earlier versions
-        h.update(json.dumps([prompt_format, tokenizer.chat_template]).encode())
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    h.update((backend.to_str() if backend is not None else tokenizer.name_or_path).encode())
-    h.update(json.dumps([tokenizer.bos_token_id, tokenizer.eos_token_id, type(tokenizer).__name__]).encode())
-    for split in (mixture.train, mixture.validation):
-        for task in mixture.tasks:
-            for ex in split[task]:
-                h.update(ex["prompt"].encode())
-                h.update(b"\x00")
-                h.update(ex["response"].encode())
-                h.update(b"\x01")
-    return h.hexdigest()[:20]
-
-
 def tokenize_mixture(
     mixture: Mixture,
     tokenizer,
     max_length: int,
     cache_dir: Path | None = None,
     truncation: str = "truncate",
-    prompt_format: str = "plain",
+    template: str | None = None,
+    train_on: dict[str, TrainOn] | None = None,
+    num_proc: int = 1,
 ) -> TokenizedMixture:
-    """Tokenize every example; with a cache_dir the result is stored once and memory-mapped after.
+    """Tokenize every conversation; with a cache_dir the result is stored once and memory-mapped after.
 
-    Examples longer than `max_length` are truncated and counted (`truncation="truncate"`) or stop the
-    run with the count per task (`"error"`). `prompt_format="chat"` renders prompt/response pairs with
-    the tokenizer's chat template first.
+    `template` is a chat template's Jinja source (None: plain prompt + response). Conversations longer
+    than `max_length` keep whole turns from the start and are counted (`truncation="truncate"`), or
+    stop the run with the count per task (`"error"`).
     """
-    if prompt_format == "chat" and not getattr(tokenizer, "chat_template", None):
-        raise MtftError(
-            f"model.prompt_format=chat, but the tokenizer of {tokenizer.name_or_path or 'this model'} has "
-            "no chat template (a base model?); use model.prompt_format=plain"
-        )
-    fingerprint = _fingerprint(mixture, tokenizer, max_length, prompt_format)
-    path = cache_dir / "tokenized" / fingerprint if cache_dir else None
-    if path is None:
-        tokenized = _tokenize_mixture(mixture, tokenizer, max_length, prompt_format)
+    train_on = train_on or {}
+    encoder = Encoder(tokenizer, max_length, template)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    fp = fingerprint(
+        TOKENIZE_VERSION,
+        [mixture.fingerprints[t] for t in mixture.tasks],
+        [train_on.get(t, TrainOn.all_assistant) for t in mixture.tasks],
+        max_length,
+        template,
+        backend.to_str() if backend is not None else tokenizer.name_or_path,
+        [tokenizer.bos_token_id, tokenizer.eos_token_id, type(tokenizer).__name__],
+    )
+    build = _Build(mixture, encoder, train_on, num_proc)
+    if cache_dir is None:
+        tokenized = build.tokenized(None)
     else:
-        build = functools.partial(_store, mixture, tokenizer, max_length, prompt_format)
-        build_dir_once(path, build, marker="meta.json")
-        tokenized = _load_tokenized(mixture, path)
+        path = cache_dir / "tokenized" / fp
+        build_dir_once(path, build.store, marker="meta.json")
+        tokenized = build.load(path)
     counts = {t: n for t, n in zip(mixture.tasks, tokenized.truncated, strict=True) if n}
     if counts and truncation == "error":
         listed = ", ".join(f"{t}: {n}" for t, n in counts.items())
@@ -231,45 +228,90 @@ def tokenize_mixture(
         )
     if counts:
         total = len(tokenized.train) + len(tokenized.validation)
-        log.info("truncated %d of %d examples to data.max_length=%d", sum(counts.values()), total, max_length)
+        log.info(
+            "truncated %d of %d examples to data.max_length=%d (whole turns kept from the start)",
+            sum(counts.values()),
+            total,
+            max_length,
+        )
     return tokenized
 
 
-def _store(mixture: Mixture, tokenizer, max_length: int, prompt_format: str, tmp: Path) -> None:
-    tokenized = _tokenize_mixture(mixture, tokenizer, max_length, prompt_format)
-    tokenized.train.save_to_disk(str(tmp / "train"))
-    tokenized.validation.save_to_disk(str(tmp / "validation"))
-    (tmp / "meta.json").write_text(
-        json.dumps({"val_rows": tokenized.val_rows, "truncated": tokenized.truncated})
-    )
+@dataclass
+class _Build:
+    mixture: Mixture
+    encoder: Encoder
+    train_on: dict[str, TrainOn]
+    num_proc: int
+
+    def _split(self, split: str, maps: Path | None) -> tuple[Dataset, list[int], list[int]]:
+        """(tokenized rows of every task in order, rows per task, truncated per task)."""
+        parts, sizes, truncated = [], [], []
+        for task_id, task in enumerate(self.mixture.tasks):
+            ds = getattr(self.mixture, split)[task]
+            try:
+                out = ds.map(
+                    _encode_batch,
+                    fn_kwargs={
+                        "encoder": self.encoder,
+                        "train_on": self.train_on.get(task, TrainOn.all_assistant),
+                        "task_id": task_id,
+                    },
+                    batched=True,
+                    remove_columns=ds.column_names,
+                    features=TOKENIZED,
+                    cache_file_name=str(maps / f"{split}-{task_id}.arrow") if maps else None,
+                    num_proc=self.num_proc if len(ds) >= 1000 * self.num_proc else None,
+                    desc=f"tokenizing {task} ({split})",
+                )
+            except RecordError as e:
+                where = self.mixture.origins.where(e.file_id, e.row) if e.file_id >= 0 else f"task '{task}'"
+                raise MtftError(f"{where}: {e.message}") from None
+            truncated.append(pc.sum(out.data.column("truncated")).as_py() or 0)
+            parts.append(out.remove_columns("truncated"))
+            sizes.append(len(out))
+        return concatenate_datasets(parts), sizes, truncated
+
+    def tokenized(self, maps: Path | None) -> TokenizedMixture:
+        train, _, truncated = self._split("train", maps)
+        validation, sizes, val_truncated = self._split("validation", maps)
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        val_rows = [list(range(s, s + n)) for s, n in zip(starts, sizes, strict=True)]
+        total = [a + b for a, b in zip(truncated, val_truncated, strict=True)]
+        return TokenizedMixture(self.mixture.tasks, train, validation, val_rows, total)
+
+    def store(self, tmp: Path) -> None:
+        maps = tmp / "maps"
+        maps.mkdir()
+        tokenized = self.tokenized(maps)
+        tokenized.train.save_to_disk(str(tmp / "train"))
+        tokenized.validation.save_to_disk(str(tmp / "validation"))
+        shutil.rmtree(maps)
+        (tmp / "meta.json").write_text(
+            json.dumps({"val_rows": tokenized.val_rows, "truncated": tokenized.truncated})
+        )
+
+    def load(self, path: Path) -> TokenizedMixture:
+        meta = json.loads((path / "meta.json").read_text())
+        return TokenizedMixture(
+            tasks=self.mixture.tasks,
+            train=Dataset.load_from_disk(str(path / "train")),
+            validation=Dataset.load_from_disk(str(path / "validation")),
+            val_rows=meta["val_rows"],
+            truncated=meta["truncated"],
+        )
 
 
-def _load_tokenized(mixture: Mixture, path: Path) -> TokenizedMixture:
-    meta = json.loads((path / "meta.json").read_text())
-    return TokenizedMixture(
-        tasks=mixture.tasks,
-        train=Dataset.load_from_disk(str(path / "train")),
-        validation=Dataset.load_from_disk(str(path / "validation")),
-        val_rows=meta["val_rows"],
-        truncated=meta["truncated"],
-    )
-
-
-def _tokenize_mixture(
-    mixture: Mixture, tokenizer, max_length: int, prompt_format: str = "plain"
-) -> TokenizedMixture:
-    train_ex = [(i, ex) for i, t in enumerate(mixture.tasks) for ex in mixture.train[t]]
-    val_ex = [(i, ex) for i, t in enumerate(mixture.tasks) for ex in mixture.validation[t]]
-    truncated = [0] * len(mixture.tasks)
-    train_cols = _tokenize(train_ex, tokenizer, max_length, truncated, prompt_format)
-    val_cols = _tokenize(val_ex, tokenizer, max_length, truncated, prompt_format)
-    val_rows: list[list[int]] = [[] for _ in mixture.tasks]
-    for row, task_id in enumerate(val_cols["task_id"]):
-        val_rows[task_id].append(row)
-    return TokenizedMixture(
-        tasks=mixture.tasks,
-        train=Dataset.from_dict(train_cols),
-        validation=Dataset.from_dict(val_cols),
-        val_rows=val_rows,
-        truncated=truncated,
-    )
+def _encode_batch(
+    batch: dict[str, list], encoder: Encoder, train_on: TrainOn, task_id: int
+) -> dict[str, list]:
+    try:
+        encoded = encoder.encode_batch(list(zip(batch["roles"], batch["contents"], strict=True)), train_on)
+    except RecordError as e:  # e.row is the index in this batch
+        raise RecordError(batch["row"][e.row], e.message, batch["file_id"][e.row]) from None
+    return {
+        "input_ids": [ids for ids, _, _ in encoded],
+        "labels": [labels for _, labels, _ in encoded],
+        "task_id": [task_id] * len(encoded),
+        "truncated": [cut for _, _, cut in encoded],
+    }

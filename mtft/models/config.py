@@ -17,7 +17,7 @@ class ModelDtype(Choice):
 
 class PromptFormat(Choice):
     plain = "plain"  # prompt + response as raw text (base models)
-    chat = "chat"  # the tokenizer's chat template: prompt = user turn, response = assistant turn
+    chat = "chat"  # a chat template (model.chat_template, or the tokenizer's) renders every conversation
 
 
 class PeftMethod(Choice):
@@ -90,10 +90,19 @@ class ModelConfig:
     attn_implementation: str | None = "sdpa"
     # instruct/chat models want `chat`, base models `plain`.
     prompt_format: PromptFormat = PromptFormat.plain
+    # With prompt_format=chat: null uses the tokenizer's template; or a built-in (chatml, or plain: visible
+    # "### User:"/"### Assistant:" separators for base models), a Jinja file or a Jinja string.
+    chat_template: str | None = None
 
     def __post_init__(self) -> None:
         self.dtype = choice("model.dtype", ModelDtype, self.dtype)
         self.prompt_format = choice("model.prompt_format", PromptFormat, self.prompt_format)
+        require(
+            self.chat_template is None or self.prompt_format == PromptFormat.chat,
+            "model.prompt_format",
+            "chat when model.chat_template is set",
+            self.prompt_format.value,
+        )
 
 
 @dataclass

@@ -22,8 +22,9 @@ from mtft.core.dist import rank, world_size
 from mtft.core.errors import MtftError
 from mtft.core.rundir import METRICS, rank_metrics
 from mtft.data.collator import TaskCollator
-from mtft.data.mixture import TokenizedMixture, build_mixture, tokenize_mixture
+from mtft.data.mixture import Mixture, TokenizedMixture, build_mixture, tokenize_mixture
 from mtft.data.sampler import MixtureSampler
+from mtft.data.templates import resolve_template
 from mtft.engine.backend import Backend, DeepSpeedBackend, TorchBackend
 from mtft.engine.loop import Trainer
 from mtft.loggers.base import Sink, Tracker
@@ -31,6 +32,7 @@ from mtft.loggers.console import ConsoleSink
 from mtft.loggers.context import run_context
 from mtft.loggers.jsonl import JsonlSink
 from mtft.models.adapters import apply_peft
+from mtft.models.config import PromptFormat
 from mtft.models.loading import load_model, load_tokenizer, resolve_path
 from mtft.recipe.config import TrainConfig
 
@@ -44,6 +46,7 @@ class Data:
     mixture: TokenizedMixture
     tokenizer: PreTrainedTokenizerBase
     model_path: str  # resolved: the embedded model is built into the cache on first use
+    conversations: Mixture | None = None  # what was tokenized, as read (for `mtft data preview`)
 
     @property
     def tasks(self) -> list[str]:
@@ -56,8 +59,19 @@ def build_data(cfg: TrainConfig) -> Data:
     mixture = build_mixture(cfg.data, cache_dir)
     path = resolve_path(cfg.model, cache_dir, mixture.corpus)
     tokenizer = load_tokenizer(path, cfg.model)
+    template = None
+    if cfg.model.prompt_format == PromptFormat.chat:
+        template = resolve_template(cfg.model.chat_template, tokenizer)
+        tokenizer.chat_template = template  # saved with the model, so inference renders as training did
     data = tokenize_mixture(
-        mixture, tokenizer, cfg.data.max_length, cache_dir, cfg.data.truncation, cfg.model.prompt_format
+        mixture,
+        tokenizer,
+        cfg.data.max_length,
+        cache_dir,
+        cfg.data.truncation,
+        template,
+        {name: task.train_on for name, task in cfg.data.tasks.items()},
+        cfg.data.num_proc,
     )
     log.info(
         "tasks: %s",
@@ -66,7 +80,7 @@ def build_data(cfg: TrainConfig) -> Data:
             for i, t in enumerate(data.tasks)
         ),
     )
-    return Data(data, tokenizer, path)
+    return Data(data, tokenizer, path, mixture)
 
 
 def build_balancer(cfg: Any, tasks: list[str]) -> Balancer:

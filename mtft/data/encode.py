@@ -1,0 +1,92 @@
+"""Conversations to token ids and labels: the learned tokens per `train_on`, cut to `max_length`.
+
+Each piece of a rendered conversation (mtft/data/templates.py) is tokenized on its own, so a learned
+span starts exactly where the model's prompt ends, as at inference. Without a chat template the
+tokenizer's bos/eos tokens frame the text; a template writes its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mtft.data.collator import IGNORE_INDEX
+from mtft.data.config import TrainOn
+from mtft.data.formats import TEXT, RecordError
+from mtft.data.templates import Piece, chat_pieces, plain_pieces
+
+
+@dataclass
+class Encoder:
+    tokenizer: object
+    max_length: int
+    template: str | None  # None: plain prompt + response (bos/eos added here)
+
+    def pieces(self, roles: list[str], contents: list[str]) -> list[Piece]:
+        if self.template is None or roles == [TEXT]:
+            return plain_pieces(roles, contents)
+        return chat_pieces(self.tokenizer, self.template, roles, contents)
+
+    def encode_batch(
+        self, conversations: list[tuple[list[str], list[str]]], train_on: TrainOn
+    ) -> list[tuple[list[int], list[int], bool]]:
+        """(input_ids, labels, truncated) per conversation; a RecordError names what is wrong with one
+        (its `row` is the index in `conversations`)."""
+        all_pieces = []
+        for i, (roles, contents) in enumerate(conversations):
+            try:
+                all_pieces.append((self.pieces(roles, contents), roles == [TEXT]))
+            except ValueError as e:
+                raise RecordError(i, str(e)) from None
+        texts = [text for pieces, _ in all_pieces for text, _ in pieces]
+        ids = iter(self.tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else iter(())
+        out = []
+        for pieces, is_text in all_pieces:
+            tokens = [next(ids) for _ in pieces]
+            turns = [is_turn for _, is_turn in pieces]
+            framed = self.template is None or is_text
+            out.append(self._assemble(tokens, turns, TrainOn.all if is_text else train_on, framed))
+        return out
+
+    def _assemble(
+        self, tokens: list[list[int]], turns: list[bool], train_on: TrainOn, framed: bool
+    ) -> tuple[list[int], list[int], bool]:
+        """`framed`: the tokenizer's bos and eos tokens go around the text (no template writes them)."""
+        tok = self.tokenizer
+        bos: list[int] = []
+        if framed:
+            bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+            tokens = [*tokens[:-1], tokens[-1] + [tok.eos_token_id]]
+        tokens = [bos + tokens[0], *tokens[1:]]
+        truncated = sum(map(len, tokens)) > self.max_length
+        if truncated:
+            tokens, turns = self._cut(tokens, turns, len(bos))
+        last = max(i for i, t in enumerate(turns) if t)
+        input_ids, labels = [], []
+        for i, (piece, is_turn) in enumerate(zip(tokens, turns, strict=True)):
+            learned = train_on == TrainOn.all or is_turn and (train_on == TrainOn.all_assistant or i == last)
+            input_ids += piece
+            labels += piece if learned else [IGNORE_INDEX] * len(piece)
+        return input_ids, labels, truncated
+
+    def _cut(
+        self, tokens: list[list[int]], turns: list[bool], n_bos: int
+    ) -> tuple[list[list[int]], list[bool]]:
+        """Whole turns from the start while they fit; if not even the first answer fits, the end of its
+        prompt and the start of the answer (the part nearest the boundary matters most)."""
+        total, keep = 0, 0
+        for i, piece in enumerate(tokens):
+            total += len(piece)
+            if total > self.max_length:
+                break
+            if turns[i]:
+                keep = i + 1
+        if keep:
+            return tokens[:keep], turns[:keep]
+        first = turns.index(True)
+        bos = tokens[0][:n_bos]
+        p = [t for piece in tokens[:first] for t in piece][n_bos:] if first else []
+        r = tokens[first][n_bos:] if first == 0 else tokens[first]
+        budget = max(self.max_length - len(r), self.max_length // 2) - n_bos
+        p = p[-budget:] if budget > 0 else []
+        r = r[: self.max_length - n_bos - len(p)]
+        return ([bos + p, r], [False, True]) if first or p else ([bos + r], [True])
