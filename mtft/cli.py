@@ -12,6 +12,7 @@ COMMANDS = {
     "train": "train a model on a task mixture with a loss balancer (Hydra overrides; see `mtft train --help`)",
     "report": "compare runs (e.g. a balancer sweep): Markdown table + per-task plots (see `mtft report --help`)",
     "export": "merge a LoRA run's adapter into its base model: a full model dir (see `mtft export --help`)",
+    "data": "`mtft data preview [overrides]`: the mixture as the model sees it, learned tokens marked",
 }
 
 USAGE = """usage: mtft <command> [args...]
@@ -28,6 +29,7 @@ examples:
   mtft train --help                            config groups and options
   mtft report multirun/2026-11-24/12-00-00     compare a sweep's balancers: table + plots
   mtft export outputs/2026-11-24/12-00-00      merge a peft=lora run's adapter: <run dir>/merged
+  mtft data preview data=mytasks -n 2          counts, lengths and 2 examples per task, before training
 """
 
 
@@ -102,6 +104,13 @@ def _dispatch(args: list[str]) -> int:
         from mtft.models.export import main as export_main
 
         return export_main(rest)
+    if command == "data" and rest[:1] == ["preview"]:
+        from mtft.recipe.preview import main as preview_main
+
+        return preview_main(rest[1:])
+    if command == "data":
+        print("usage: mtft data preview [overrides...] (see `mtft data preview --help`)", file=sys.stderr)
+        return 2
     print(f"mtft: unknown command '{command}'\n\n{_usage()}", file=sys.stderr)
     return 2
 

@@ -65,3 +65,17 @@ def register_configs() -> None:
 def conf_dir() -> Path:
     """The config tree, shipped inside the package (mtft/conf) in a checkout and in the wheel alike."""
     return Path(__file__).resolve().parent.parent / "conf"
+
+
+def compose(overrides: list[str], config_dir: Path | None = None) -> TrainConfig:
+    """The checked TrainConfig `mtft train <overrides>` would run, composed without starting a run (for
+    commands that read a run's config, like `mtft data preview`). Hydra errors propagate as they are."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    register_configs()
+    extra = [f"hydra.searchpath=[file://{config_dir.resolve()}]"] if config_dir else []
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="train"):
+        cfg = hydra_compose("train", overrides=[*overrides, *extra])
+    return OmegaConf.to_object(cfg)  # type: ignore[return-value]  # runs the __post_init__ checks
