@@ -93,7 +93,12 @@ class TaskConfig:
         self.format = choice(f"{key}.format", Format, self.format)
         self.train_on = choice(f"{key}.train_on", TrainOn, self.train_on)
         if isinstance(self.hub, dict):
-            self.hub = HubSource(**self.hub)
+            try:
+                self.hub = HubSource(**self.hub)
+            except TypeError as e:
+                raise MtftError(f"{key}.hub: {e}") from None
+        if self.hub is not None:
+            require(self.hub.path not in (MISSING, "", None), f"{key}.hub.path", "a dataset id", self.hub.path)
         for field_name, column in self.columns.items():
             require(
                 field_name in COLUMN_KEYS,

@@ -55,6 +55,7 @@ class Mixture:
     train: dict[str, Dataset]
     validation: dict[str, Dataset]
     fingerprints: dict[str, str]  # per task: identifies its records and split settings
+    train_on: dict[str, TrainOn] = field(default_factory=dict)  # per task; absent: all_assistant
     origins: Origins = field(default_factory=Origins)
     counts: dict[str, TaskCounts] = field(default_factory=dict)
 
@@ -157,7 +158,7 @@ def build_mixture(cfg: DataConfig, cache_dir: Path) -> Mixture:
         validation[name] = _stable_order(_cap(va, task.max_val_samples))
         count.capped = len(tr) + len(va) - len(train[name]) - len(validation[name])
         fingerprints[name] = fingerprint(
-            fingerprints[name], task.val_fraction, task.max_train_samples, task.max_val_samples, task.train_on
+            fingerprints[name], task.val_fraction, task.max_train_samples, task.max_val_samples
         )
         if not len(train[name]):
             raise MtftError(f"task '{name}' has no training examples")
@@ -166,7 +167,8 @@ def build_mixture(cfg: DataConfig, cache_dir: Path) -> Mixture:
                 f"task '{name}' has an empty validation set: give data.tasks.{name}.validation files "
                 "or a larger val_fraction"
             )
-    return Mixture(list(cfg.tasks), train, validation, fingerprints, origins, counts)
+    train_on = {name: task.train_on for name, task in cfg.tasks.items()}
+    return Mixture(list(cfg.tasks), train, validation, fingerprints, train_on, origins, counts)
 
 
 @dataclass
@@ -191,7 +193,6 @@ def tokenize_mixture(
     cache_dir: Path | None = None,
     truncation: str = "truncate",
     template: str | None = None,
-    train_on: dict[str, TrainOn] | None = None,
     num_proc: int = 1,
 ) -> TokenizedMixture:
     """Tokenize every conversation; with a cache_dir the result is stored once and memory-mapped after.
@@ -200,13 +201,13 @@ def tokenize_mixture(
     than `max_length` keep whole turns from the start and are counted (`truncation="truncate"`), or
     stop the run with the count per task (`"error"`).
     """
-    train_on = train_on or {}
+    train_on = {t: mixture.train_on.get(t, TrainOn.all_assistant) for t in mixture.tasks}
     encoder = Encoder(tokenizer, max_length, template)
     backend = getattr(tokenizer, "backend_tokenizer", None)
     fp = fingerprint(
         TOKENIZE_VERSION,
         [mixture.fingerprints[t] for t in mixture.tasks],
-        [train_on.get(t, TrainOn.all_assistant) for t in mixture.tasks],
+        [train_on[t] for t in mixture.tasks],
         max_length,
         template,
         backend.to_str() if backend is not None else tokenizer.name_or_path,
@@ -254,7 +255,7 @@ class _Build:
                     _encode_batch,
                     fn_kwargs={
                         "encoder": self.encoder,
-                        "train_on": self.train_on.get(task, TrainOn.all_assistant),
+                        "train_on": self.train_on[task],
                         "task_id": task_id,
                     },
                     batched=True,

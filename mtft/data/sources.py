@@ -8,6 +8,7 @@ be read stops the run with a one-line error naming its file and line (or row).
 
 from __future__ import annotations
 
+import csv
 import glob
 import gzip
 import hashlib
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-from datasets import Dataset, concatenate_datasets
+from datasets import Dataset, Features, Value, concatenate_datasets
 
 from mtft.core.errors import MtftError
 from mtft.data.config import Format, HubSource, TaskConfig
@@ -168,12 +169,20 @@ def load_file(path: Path, cache_dir: Path) -> Dataset:
         if path.is_dir():
             return datasets.load_from_disk(str(path))
         builder = BUILDERS[suffix(path)]
+        # CSV has no types: every cell is text (an answer "3" must not become the number 3).
+        options = _csv_options(path) if builder == "csv" else {}
         return datasets.load_dataset(
-            builder, data_files=str(path), split="train", cache_dir=_cache(cache_dir)
+            builder, data_files=str(path), split="train", cache_dir=_cache(cache_dir), **options
         )
     except Exception as e:  # datasets and pyarrow raise many types; the user needs file and line
         bad = _first_bad_line(path) if suffix(path) in (".jsonl", ".jsonl.gz") else None
         raise MtftError(bad or f"{path}: cannot be read ({_first_line(e)})") from None
+
+
+def _csv_options(path: Path) -> dict[str, Any]:
+    with path.open(encoding="utf-8", newline="") as fh:
+        header = next(csv.reader(fh), [])
+    return {"features": Features({name: Value("string") for name in header}), "keep_default_na": False}
 
 
 def load_hub(hub: HubSource, split: str, key: str, cache_dir: Path) -> Dataset:

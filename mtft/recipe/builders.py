@@ -70,7 +70,6 @@ def build_data(cfg: TrainConfig) -> Data:
         cache_dir,
         cfg.data.truncation,
         template,
-        {name: task.train_on for name, task in cfg.data.tasks.items()},
         cfg.data.num_proc,
     )
     log.info(
