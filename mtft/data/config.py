@@ -98,7 +98,9 @@ class TaskConfig:
             except TypeError as e:
                 raise MtftError(f"{key}.hub: {e}") from None
         if self.hub is not None:
-            require(self.hub.path not in (MISSING, "", None), f"{key}.hub.path", "a dataset id", self.hub.path)
+            require(
+                self.hub.path not in (MISSING, "", None), f"{key}.hub.path", "a dataset id", self.hub.path
+            )
         for field_name, column in self.columns.items():
             require(
                 field_name in COLUMN_KEYS,

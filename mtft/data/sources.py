@@ -294,3 +294,6 @@ class TaskReader:
             )
         except RecordError as e:
             raise MtftError(f"{self.origins.where(file_id, e.row)}: {e.message}") from None
+        except UnicodeDecodeError:  # Arrow keeps invalid UTF-8 in a string column until it is read
+            bad = _first_bad_line(Path(origin)) if suffix(Path(origin)) in (".jsonl", ".jsonl.gz") else None
+            raise MtftError(bad or f"{origin}: not UTF-8 text") from None
