@@ -17,7 +17,15 @@ import torch
 from safetensors.torch import load_file
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from mtft.core.errors import MtftError
+from mtft.engine.backend import TorchBackend
+from mtft.engine.config import TrainerConfig
+from mtft.models.adapters import apply_peft
+from mtft.models.config import LoraAdapterConfig
 from mtft.models.tiny import train_tokenizer
+from mtft.recipe.validate import validate
+
+from conftest import compose_train
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CORPUS = ["def add(a, b):\n    return a + b\n", "class Stack:\n    def push(self, x):\n        pass\n"] * 50
@@ -36,13 +44,10 @@ RUN = [
 ]
 
 
-@pytest.fixture(scope="module")
-def bf16_qwen(tmp_path_factory) -> Path:
-    """A two-layer Qwen2 with a locally trained tokenizer, saved in bfloat16."""
-    path = tmp_path_factory.mktemp("qwen2-bf16")
-    tokenizer = train_tokenizer(CORPUS, 400)
+def small_qwen2(vocab_size: int, **special_tokens: int) -> Qwen2ForCausalLM:
+    torch.manual_seed(0)
     config = Qwen2Config(
-        vocab_size=len(tokenizer),
+        vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
@@ -50,12 +55,18 @@ def bf16_qwen(tmp_path_factory) -> Path:
         num_key_value_heads=2,
         max_position_embeddings=256,
         tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        **special_tokens,
     )
-    torch.manual_seed(0)
-    Qwen2ForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
+    return Qwen2ForCausalLM(config).to(torch.bfloat16)
+
+
+@pytest.fixture(scope="module")
+def bf16_qwen(tmp_path_factory) -> Path:
+    """A two-layer Qwen2 with a locally trained tokenizer, saved in bfloat16."""
+    path = tmp_path_factory.mktemp("qwen2-bf16")
+    tokenizer = train_tokenizer(CORPUS, 400)
+    ids = {f"{t}_token_id": getattr(tokenizer, f"{t}_token_id") for t in ("bos", "eos", "pad")}
+    small_qwen2(len(tokenizer), **ids).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 
@@ -119,3 +130,28 @@ def test_pure_bf16_trains_in_bf16_and_warns(run_mtft, bf16_qwen, tmp_path):
     assert all(torch.equal(weights[n], saved[n]) for n in weights)
     setup = json.loads((run_dir / "summary.json").read_text())["setup"]
     assert setup["trainable_dtype"] == "bfloat16" and setup["optimizer_state_dtype"] == "bfloat16"
+
+
+def test_lora_adapters_train_in_fp32_on_a_frozen_bf16_base():
+    model = apply_peft(small_qwen2(300), LoraAdapterConfig(), TrainerConfig())
+    backend = TorchBackend(model, TrainerConfig(lr=1e-3), torch.device("cpu"))
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    assert trainable and all("lora_" in n and p.dtype == torch.float32 for n, p in trainable.items())
+    assert {p.dtype for p in frozen} == {torch.bfloat16}  # where the memory is
+    ids = torch.randint(0, 300, (2, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert backend.step(skip=False)[0]
+    states = [s for group in backend.optimizer.state.values() for s in group.values() if torch.is_tensor(s)]
+    assert {s.dtype for s in states if s.ndim > 0} == {torch.float32}
+    assert backend.describe() == {
+        "engine": "single process",
+        "compute_dtype": "bfloat16",  # the frozen base's matmuls
+        "optimizer_state_dtype": "float32",
+    }
+
+
+def test_pure_bf16_is_refused_under_deepspeed():
+    cfg = compose_train(["deepspeed=zero2", "trainer.pure_bf16=true"])
+    with pytest.raises(MtftError, match="trainer.pure_bf16=true applies to the plain PyTorch engine"):
+        validate(cfg)
