@@ -9,8 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from mtft.models.config import TinyModelConfig
+from mtft.recipe.config import TrainConfig, conf_dir, register_configs
 
 ROOT = Path(__file__).resolve().parent.parent
 # A Llama small enough to build and train in a second, for tests that need a real model.
@@ -60,6 +63,16 @@ def run_mtft(mtft_env: dict[str, str]):
         return proc
 
     return run
+
+
+def compose_train(overrides: list[str], config_dir: Path | None = None) -> TrainConfig:
+    """The config `mtft train <overrides>` would run with, checked against the schema."""
+    register_configs()
+    with initialize_config_dir(str(config_dir or conf_dir()), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    typed = OmegaConf.to_object(cfg)
+    assert isinstance(typed, TrainConfig)
+    return typed
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

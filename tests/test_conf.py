@@ -11,10 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from mtft.recipe.config import TrainConfig, conf_dir, register_configs
+from mtft.recipe.config import conf_dir
+
+from conftest import compose_train
 
 CONF = conf_dir()
 # Options that leave a mandatory value (???) to the user, with one they would give.
@@ -27,16 +28,6 @@ OPTIONS = sorted(
     for path in CONF.rglob("*.yaml")
     if path.parent != CONF
 )
-
-
-def compose_train(overrides: list[str], config_dir: Path = CONF) -> TrainConfig:
-    """The config `mtft train <overrides>` would run with, checked against the schema."""
-    register_configs()
-    with initialize_config_dir(str(config_dir), version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
-    typed = OmegaConf.to_object(cfg)
-    assert isinstance(typed, TrainConfig)
-    return typed
 
 
 def test_every_group_has_options() -> None:

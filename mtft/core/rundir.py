@@ -28,6 +28,30 @@ def rank_metrics(rank: int) -> str:
 
 
 @dataclass
+class RunSetup:
+    """What a run trains, in what precision, on which engine and with what batch: logged once at the
+    start (the run-start block) and kept in summary.json under `setup`."""
+
+    parameters: int
+    trainable: int
+    trainable_dtype: str  # of the trainable weights the forward pass uses
+    compute_dtype: str
+    optimizer_state_dtype: str
+    attention: str
+    engine: str  # single process, DDP, DeepSpeed ZeRO-<stage>
+    world_size: int
+    batch_size: int  # sequences per micro-batch per rank
+    grad_accum: int
+    global_batch: int  # sequences per optimizer step: batch_size x grad_accum x world_size
+    global_batch_tokens: int  # expected tokens per step, at the mean training length
+    global_batch_max_tokens: int  # at data.max_length
+    lr: float  # the peak learning rate the schedule reaches
+    scheduler: str
+    warmup_steps: int
+    max_steps: int
+
+
+@dataclass
 class Summary:
     """summary.json: what a finished run reached, per task, and what it cost."""
 
@@ -43,6 +67,7 @@ class Summary:
     peak_rss_mb: float
     skipped_steps: int = 0
     stopped_early: bool = False
+    setup: RunSetup | None = None
 
     def write(self, run_dir: Path) -> None:
         (run_dir / SUMMARY).write_text(json.dumps(dataclasses.asdict(self), indent=2, allow_nan=False) + "\n")

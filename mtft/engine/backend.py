@@ -21,14 +21,19 @@ from transformers import get_scheduler
 from mtft.core.dist import barrier, rank, world_size
 from mtft.core.errors import MtftError
 from mtft.engine.config import DeepSpeedConfig, TrainerConfig
+from mtft.engine.precision import dtype_name, main_dtype, restore_dtypes, set_trainable_dtypes
 from mtft.models.saving import save_pretrained
 
 log = logging.getLogger("mtft")
 
 
+def trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
 def build_optimizer(model: torch.nn.Module, cfg: TrainerConfig) -> torch.optim.Optimizer:
     """AdamW with weight decay on matrices only (not on norms and biases), as is standard for LMs."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = trainable(model)
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
@@ -43,6 +48,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainerConfig) -> Any
 
 
 def autocast_for(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    """The context each forward pass runs in: nothing for fp32, bfloat16 autocast for bf16."""
     if precision == "fp32":
         return contextlib.nullcontext
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
@@ -61,12 +67,19 @@ def model_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def load_model_state(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
     missing, unexpected = module.load_state_dict(state, strict=False)
-    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
-    if unexpected or trainable & set(missing):
+    names = {n for n, p in module.named_parameters() if p.requires_grad}
+    if unexpected or names & set(missing):
         raise MtftError(
             "checkpoint does not match the model (different model or adapter settings?): "
-            f"missing {sorted(trainable & set(missing))[:3]}, unexpected {unexpected[:3]}"
+            f"missing {sorted(names & set(missing))[:3]}, unexpected {unexpected[:3]}"
         )
+
+
+def compute_dtype(module: torch.nn.Module, cfg: TrainerConfig) -> str:
+    """What the matmuls run in: the autocast dtype, else the dtype most weights are in."""
+    if cfg.precision == "bf16":
+        return "bfloat16 (autocast)"
+    return dtype_name(main_dtype(list(module.parameters())))
 
 
 def _ready_for_inference(module: torch.nn.Module) -> None:
@@ -81,6 +94,8 @@ class TorchBackend:
 
     def __init__(self, module: torch.nn.Module, cfg: TrainerConfig, device: torch.device) -> None:
         self.cfg, self.module, self.device = cfg, module, device
+        # Before DDP and the optimizer: both must see the parameters in their training dtype.
+        self.loaded_dtypes = set_trainable_dtypes(module, cfg)
         self.model: torch.nn.Module = module
         if world_size() > 1:
             ids = [device.index] if device.type == "cuda" else None
@@ -88,6 +103,14 @@ class TorchBackend:
         self.optimizer = build_optimizer(module, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.autocast = autocast_for(cfg.precision, device)
+
+    def describe(self) -> dict[str, str]:
+        """The engine and its dtypes, for the run-start block; AdamW's states take their parameters' dtype."""
+        return {
+            "engine": "DDP" if world_size() > 1 else "single process",
+            "compute_dtype": compute_dtype(self.module, self.cfg),
+            "optimizer_state_dtype": dtype_name(main_dtype(trainable(self.module))),
+        }
 
     def accumulating(self, last: bool) -> contextlib.AbstractContextManager:
         """Around forward+backward of a micro-batch: DDP all-reduces gradients on the last one only."""
@@ -128,8 +151,10 @@ class TorchBackend:
         self.scheduler.load_state_dict(state["scheduler"])
 
     def save_pretrained(self, directory: Path) -> None:
-        """The final model in `save_pretrained` layout (adapters only under PEFT), from rank 0."""
+        """The final model in `save_pretrained` layout (adapters only under PEFT), from rank 0, in
+        the dtypes it loaded in (float32 masters go back to bf16 for a bf16 checkpoint)."""
         if rank() == 0:
+            restore_dtypes(self.module, self.loaded_dtypes)
             _ready_for_inference(self.module)
             save_pretrained(self.module, directory)
         barrier()
@@ -164,14 +189,16 @@ class DeepSpeedBackend:
         self.model = self.engine
         # DeepSpeed casts the model itself for bf16; autocast would only add casts.
         self.autocast = contextlib.nullcontext
-        log.info(
-            "DeepSpeed ZeRO stage %d on %d process(es)%s",
-            self.stage,
-            world_size(),
-            ", optimizer offloaded to CPU"
-            if self.config.get("zero_optimization", {}).get("offload_optimizer")
-            else "",
-        )
+
+    def describe(self) -> dict[str, str]:
+        """ZeRO 1-3 (and stage 0 in bf16) keep float32 master partitions and optimizer states."""
+        offload = self.config.get("zero_optimization", {}).get("offload_optimizer")
+        masters = self.stage >= 1 or self.config["bf16"]["enabled"]
+        return {
+            "engine": f"DeepSpeed ZeRO-{self.stage}" + (" (optimizer offloaded to CPU)" if offload else ""),
+            "compute_dtype": dtype_name(main_dtype(list(self.module.parameters()))),
+            "optimizer_state_dtype": "float32" if masters else dtype_name(main_dtype(trainable(self.module))),
+        }
 
     def accumulating(self, last: bool) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()

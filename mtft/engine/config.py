@@ -10,10 +10,11 @@ from mtft.core.schema import Choice, at_least, choice, in_unit_interval, positiv
 
 
 class Precision(Choice):
-    """What the trainer really supports: fp16 would need a loss scaler (and DeepSpeed's fp16 engine)."""
+    """The compute dtype. fp16 is refused: it would need a loss scaler, and bf16 has float32's range
+    (so needs none) on every GPU that can train a real model (Ampere and newer)."""
 
     fp32 = "fp32"
-    bf16 = "bf16"  # autocast to bfloat16; weights and optimizer states stay float32
+    bf16 = "bf16"  # autocast to bfloat16; trainable weights and optimizer states stay float32
 
 
 class Scheduler(Choice):
@@ -41,6 +42,10 @@ class TrainerConfig:
     warmup_steps: int = 20  # linear warmup from 0 to `lr`
     max_grad_norm: float | None = 1.0  # clip the global gradient norm; null: no clipping
     precision: Precision = Precision.fp32
+    # Without DeepSpeed, trainable weights (and so AdamW's states) are kept in float32 even when the
+    # model loads in bf16: a bf16 weight cannot take an update below ~1/256 of itself. true: train
+    # them in bf16 anyway (half the memory of the trainable weights and states; small updates are lost).
+    pure_bf16: bool = False
     eval_interval: int = 50  # evaluate every N steps (and at the end)
     eval_batches: int = 2  # validation batches per task at each evaluation (bounded cost)
     eval_batch_size: int = 32

@@ -107,8 +107,7 @@ def apply_peft(
     if cfg is None:
         if trainer.gradient_checkpointing:
             enable_gradient_checkpointing(model)
-        _log_parameters(model, "full finetuning")
-        return model
+        return model  # the run-start block says what is trained
 
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 

@@ -12,11 +12,12 @@ from transformers import set_seed
 
 from mtft.core.dist import barrier, device_for_rank, rank, rank_zero_first
 from mtft.core.errors import MtftError
-from mtft.core.rundir import METRICS, MODEL, Summary
+from mtft.core.rundir import METRICS, MODEL, RunSetup, Summary
 from mtft.data.sampler import sequence_lengths
 from mtft.engine.checkpoint import find_checkpoint
 from mtft.engine.loop import TrainResult, peak_rss_mb
 from mtft.loggers.console import print_final_table
+from mtft.models.adapters import count_parameters
 from mtft.recipe.builders import (
     build_backend,
     build_balancer,
@@ -27,6 +28,7 @@ from mtft.recipe.builders import (
     build_trainer,
 )
 from mtft.recipe.config import TrainConfig
+from mtft.recipe.runinfo import lr_warning, run_setup, setup_block
 
 log = logging.getLogger("mtft")
 
@@ -61,8 +63,15 @@ def train(cfg: TrainConfig, run_dir: Path) -> Summary:
         data = build_data(cfg)
         balancer = build_balancer(cfg.balancer, data.tasks)
     model = build_model(cfg, data.model_path, device)
+    counts = count_parameters(model)  # (trainable, total), before DeepSpeed partitions the weights
+    warning = lr_warning(cfg, counts[1])
+    if warning and rank() == 0:
+        log.warning(warning)
     backend = build_backend(cfg, model, device)
-    lengths = sequence_lengths(data.mixture.train) if cfg.data.group_by_length else None
+    lengths = sequence_lengths(data.mixture.train)
+    setup = run_setup(cfg, backend, counts, lengths)
+    if rank() == 0:
+        log.info(setup_block(setup))
     sampler = build_sampler(cfg, data.mixture.train_task_ids, lengths)
     tracker = build_tracker(cfg, run_dir, data.tasks)
     trainer = build_trainer(cfg, backend, data, sampler, balancer, tracker, run_dir)
@@ -75,15 +84,23 @@ def train(cfg: TrainConfig, run_dir: Path) -> Summary:
         backend.save_pretrained(run_dir / MODEL)
         if rank() == 0:
             data.tokenizer.save_pretrained(run_dir / MODEL)
-    summary = summarize(result, data.tasks, cfg.balancer.name, cfg.seed, time.perf_counter() - start)
+    summary = summarize(result, data.tasks, cfg.balancer.name, cfg.seed, time.perf_counter() - start, setup)
     if rank() == 0:
         summary.write(run_dir)
         print_final_table(summary, run_dir)
     return summary
 
 
-def summarize(result: TrainResult, tasks: list[str], balancer: str, seed: int, wall_s: float) -> Summary:
-    """summary.json from the loop's result: first, final and best validation loss per task, and cost."""
+def summarize(
+    result: TrainResult,
+    tasks: list[str],
+    balancer: str,
+    seed: int,
+    wall_s: float,
+    setup: RunSetup,
+) -> Summary:
+    """summary.json from the loop's result: first, final and best validation loss per task, cost,
+    and the run-start block."""
     history = result.val_history
     first, last = history[min(history)], history[max(history)]
     return Summary(
@@ -99,4 +116,5 @@ def summarize(result: TrainResult, tasks: list[str], balancer: str, seed: int, w
         peak_rss_mb=peak_rss_mb(),
         skipped_steps=result.skipped_steps,
         stopped_early=result.stopped_early,
+        setup=setup,
     )

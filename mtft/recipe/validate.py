@@ -28,6 +28,11 @@ def validate(cfg: TrainConfig) -> None:
             "(torch.autograd.grad), which DeepSpeed's ZeRO gradient hooks do not allow; run it without "
             "DeepSpeed (deepspeed=none, plain or DDP with distributed.nproc_per_node)"
         )
+    if cfg.deepspeed is not None and cfg.trainer.pure_bf16:
+        raise MtftError(
+            "trainer.pure_bf16=true applies to the plain PyTorch engine; DeepSpeed keeps its own float32 "
+            "master weights (drop trainer.pure_bf16, or use deepspeed=none)"
+        )
     check_tasks = getattr(cfg.balancer, "check_tasks", None)
     if check_tasks is not None:
         check_tasks(list(cfg.data.tasks))
