@@ -7,6 +7,7 @@ import signal
 import sys
 
 from mtft import __version__
+from mtft.core.errors import config_error_message
 
 COMMANDS = {
     "train": "train a model on a task mixture with a loss balancer (Hydra overrides; see `mtft train --help`)",
@@ -58,19 +59,6 @@ def _train(args: list[str]) -> int:
         print(f"error: {config_error_message(e)}", file=sys.stderr)
         return 2
     return 0
-
-
-def config_error_message(error: BaseException) -> str:
-    """Hydra's or OmegaConf's multi-line message as one line: the innermost cause, prefixed by its key."""
-    while error.__cause__ is not None:
-        error = error.__cause__
-    meta = ("full_key:", "object_type=", "reference_type=")
-    lines = [
-        line.strip() for line in str(error).splitlines() if line.strip() and not line.strip().startswith(meta)
-    ]
-    message = " ".join(lines) or type(error).__name__
-    key = getattr(error, "full_key", None)
-    return f"{key}: {message}" if key and key not in message else message
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -67,7 +67,7 @@ def test_a_users_config_dir_adds_experiments_and_options(run_mtft, tmp_path: Pat
     proc = run_mtft("train", "--config-dir", str(user), "experiment=mine", "--cfg", "job", cwd=tmp_path)
     job = OmegaConf.create(proc.stdout)
     assert job.trainer.max_steps == 7 and job.balancer.warmup_steps == 25
-    assert job.data.source == "jsonl" and list(job.data.tasks) == ["qa"]
+    assert job.data.source == "files" and list(job.data.tasks) == ["qa"]  # jsonl: the former name of files
     shipped = run_mtft(
         "train", "--config-dir", str(user), "experiment=coba_tiny", "--cfg", "job", cwd=tmp_path
     )

@@ -13,3 +13,16 @@ class Interrupted(Exception):
     def __init__(self, step: int, checkpoint: str) -> None:
         super().__init__(f"stopped at step {step}; checkpoint saved to {checkpoint}")
         self.step, self.checkpoint = step, checkpoint
+
+
+def config_error_message(error: BaseException) -> str:
+    """Hydra's or OmegaConf's multi-line message as one line: the innermost cause, prefixed by its key."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    meta = ("full_key:", "object_type=", "reference_type=")
+    lines = [
+        line.strip() for line in str(error).splitlines() if line.strip() and not line.strip().startswith(meta)
+    ]
+    message = " ".join(lines) or type(error).__name__
+    key = getattr(error, "full_key", None)
+    return f"{key}: {message}" if key and key not in message else message

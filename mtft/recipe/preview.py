@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from mtft.core.errors import MtftError
+from mtft.core.errors import MtftError, config_error_message
 from mtft.data.collator import IGNORE_INDEX
 from mtft.recipe.builders import Data, build_data
 from mtft.recipe.config import compose
@@ -41,8 +41,6 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
-
-    from mtft.cli import config_error_message
 
     try:
         cfg = compose(args.overrides, args.config_dir)
