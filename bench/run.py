@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from bench import overhead, quality, throughput
+from bench import data, overhead, quality, throughput
 from bench.common import ROOT, Setup, machine, quiet
 
 
@@ -48,11 +48,12 @@ class Mode:
     q_eval_interval: int
     q_grouped: bool  # also sweep uniform with data.group_by_length=true
     jobs: int = 2
+    data_n: int = 0  # generated conversations for the data pipeline measurement (0: skip)
 
 
 MODES = {
-    "quick": Mode(3, 14, 3, (2, 4, 8, 16, 32), 1, 10, 3, (4,), 0, (1,), 30, 10, False),
-    "full": Mode(5, 20, 4, (2, 4, 8, 16, 32), 2, 10, 2, (4, 32), 4, (1, 2, 3), 100, 20, True),
+    "quick": Mode(3, 14, 3, (2, 4, 8, 16, 32), 1, 10, 3, (4,), 0, (1,), 30, 10, False, data_n=50_000),
+    "full": Mode(5, 20, 4, (2, 4, 8, 16, 32), 2, 10, 2, (4, 32), 4, (1, 2, 3), 100, 20, True, data_n=200_000),
     # for tests/test_bench.py: a couple of steps of everything, the sweep left out
     "smoke": Mode(1, 3, 1, (2,), 1, 3, 1, (), 0, (), 0, 0, False),
 }
@@ -76,6 +77,8 @@ def run_all(mode_name: str, out_dir: Path, log: Callable[[str], None] = print) -
     t0 = time.perf_counter()
     results["throughput"] = throughput.run(setup, mode.tp_reps, mode.tp_steps, mode.tp_warmup, log)
     results["throughput"]["wall_s"] = time.perf_counter() - t0
+    if mode.data_n:
+        results["data"] = data.run(mode.data_n, setup.model_path, (1, 2), log)
     log(f"balancer overhead: T in {mode.oh_tasks}, {mode.oh_reps} reps x {mode.oh_steps} steps")
     t0 = time.perf_counter()
     results["overhead"] = overhead.run(setup, mode.oh_tasks, mode.oh_reps, mode.oh_steps, mode.oh_warmup, log)
@@ -310,6 +313,7 @@ def render(results: dict[str, Any]) -> dict[str, str]:
         blocks["quality"] = "\n".join(rows)
     else:
         blocks["quality"] = "(not run in this mode)"
+    blocks["data"] = data.render(results["data"]) if "data" in results else "(not run in this mode)"
     blocks["targets"] = render_targets(results)
     return blocks
 
@@ -334,6 +338,15 @@ def render_targets(results: dict[str, Any]) -> str:
         f"| GradNorm growth with T shown, kept small | {gn} | shown; "
         f"{'small' if max(oh[T]['gradnorm']['ratio'] for T in Ts) <= 1.5 else '**not small** (see below)'} |",
     ]
+    if "data" in results:
+        d = results["data"]
+        ratio = (d["mtft_1"]["peak_mb"] - d["mtft_1"]["base_mb"]) / (
+            d["python"]["peak_mb"] - d["python"]["base_mb"]
+        )
+        rows.append(
+            f"| tokenizing {d['conversations']:,} conversations: peak RSS growth ≤ 0.5x the data held as Python "
+            f"objects | {_x(ratio)} | {status(ratio <= 0.5)} |"
+        )
     return "\n".join(rows)
 
 

@@ -90,3 +90,16 @@ def test_throughput_and_overhead_run_and_render(setup: Setup, tmp_path: Path):
     assert text.count("<!-- bench:throughput -->") == 1 and "<!-- bench:targets -->" in text
     run.rewrite(md, run.render(results))
     assert md.read_text() == text  # idempotent: a second run replaces the same blocks
+
+
+def test_data_pipeline_benchmark_runs_and_renders(setup: Setup):
+    from bench import data
+
+    results = data.run(300, setup.model_path, (1,), log=lambda s: None)
+    assert results["python"]["rows"] == 300 and results["mtft_1"]["rows"] == 300
+    assert (
+        results["mtft_1"]["tokens"] > 300 * 20
+        and results["mtft_1"]["peak_mb"] >= results["mtft_1"]["base_mb"]
+    )
+    table = data.render(results)
+    assert "300 generated conversations" in table and "`data.num_proc=1`" in table

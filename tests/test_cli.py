@@ -42,7 +42,7 @@ def test_train_help_lists_groups_and_options(run_mtft):
     out = run_mtft("train", "--help").stdout
     for line in (
         "balancer: coba, coba_tiny, famo, gradnorm, uniform",
-        "data: codetasks, jsonl",
+        "data: codetasks, files, jsonl",
         "model: codellama_13b, codellama_13b_instruct, deepseek_coder_6_7b, deepseek_coder_6_7b_instruct, hf,",
         "deepspeed: file, none, zero1, zero2, zero3, zero3_offload",
         "peft: lora, none, qlora",
@@ -81,9 +81,9 @@ def jsonl_args(train: Path, val: Path | None = None) -> list[str]:
 @pytest.mark.parametrize(
     "lines, expect",
     [
-        (None, "JSONL file not found: {train}"),
+        (None, "data.tasks.qa.train: no such file or directory: {train}"),
         (['{"prompt": "a", "response": "b"}', '{"prompt": oops}'], "{train}:2: malformed JSON"),
-        ([], "task 'qa' has no training examples"),
+        ([], "{train}: no records (the file is empty)"),
     ],
 )
 def test_data_errors_are_clear(run_mtft, tmp_path, lines, expect):
@@ -104,7 +104,7 @@ def test_empty_validation_set_error(run_mtft, tmp_path):
     val = tmp_path / "qa_val.jsonl"
     val.write_text("\n")
     proc = run_mtft("train", *jsonl_args(train, val), f"hydra.run.dir={tmp_path / 'run'}", check=False)
-    assert proc.returncode == 2 and "task 'qa' has an empty validation set" in proc.stderr + proc.stdout
+    assert proc.returncode == 2 and f"{val}: no records (the file is empty)" in proc.stderr + proc.stdout
 
 
 @pytest.mark.slow

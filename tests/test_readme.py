@@ -6,7 +6,8 @@
   Hydra's basic sweeper does (the command line's sweeps plus `hydra.sweeper.params`) and every job is
   composed, so an invalid override in any job fails.
 - `mtft report ...` / `mtft export ...` go through the command's real argument parser, which stops
-  the command before it touches any file.
+  the command before it touches any file; `mtft data preview ...` too, and its overrides are composed
+  like a `mtft train`'s.
 - Placeholders: a bare `...` token ("and more overrides") is dropped, and `<...>` placeholders are
   replaced by the values in PLACEHOLDERS; an unknown placeholder fails the test, so add it there.
   A command that cannot be checked here (it needs the user's own files) carries the comment
@@ -189,6 +190,13 @@ def test_command_works_as_written(where, argv, monkeypatch, capsys):
             assert exit_.value.code == 0
         else:
             check_argparse(monkeypatch, argv[0], argv[1:])
+    elif argv[:2] == ["data", "preview"]:
+        check_argparse(monkeypatch, "data", argv[1:])
+        with_value = {"-n", "--examples", "--task", "--config-dir"}
+        overrides = [
+            a for i, a in enumerate(argv[2:]) if not a.startswith("-") and argv[1 + i] not in with_value
+        ]
+        check_job(overrides)
     else:
         pytest.fail(f"unknown mtft command in {where}")
 

@@ -169,7 +169,11 @@ def test_too_long_examples_truncate_or_error(tokenizer):
     [
         ({"prompt": "", "response": "r"}, r"message 1 \(user\): empty content"),
         ({"prompt": "p", "response": "  "}, r"message 2 \(assistant\): empty content"),
-        ({"text": "t"}, "record has no 'prompt' field; this file's format is prompt_response"),
+        ({"text": ""}, "empty text"),
+        (
+            {"messages": [{"role": "user", "content": "q"}]},
+            "record has no 'prompt' field; this file's format is prompt_response",
+        ),
         (
             {"prompt": "p", "response": "r", "task": "other"},
             "record is for task 'other' but this file belongs to task 'qa'",

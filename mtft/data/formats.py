@@ -31,6 +31,10 @@ DEFAULT_ROLES = {
 }
 
 
+# `{"prompt", "response"}` and `{"text"}` records may share a file.
+PLAIN_FORMATS = (Format.prompt_response, Format.text)
+
+
 class RecordError(ValueError):
     """A record that cannot be read: `row` of file `file_id` (mtft.data.sources.Origins), which the
     message turns into `file:line`. Raised inside `Dataset.map`, so it must pickle (all in args)."""
@@ -98,20 +102,23 @@ class Reader:
         named = record.get("task")
         if self.task is not None and named is not None and named != self.task:
             raise ValueError(f"record is for task '{named}' but this file belongs to task '{self.task}'")
-        if self.fmt == Format.text:
+        fmt = self.fmt
+        if fmt in PLAIN_FORMATS:  # mtft's first JSONL format allowed both record kinds in one file
+            fmt = Format.text if record.get(self.column("text")) is not None else Format.prompt_response
+        if fmt == Format.text:
             text = self._text(record, "text")
             if not text.strip():
                 raise ValueError("empty text")
             return [TEXT], [text]
-        if self.fmt in CONVERSATION_FIELDS:
+        if fmt in CONVERSATION_FIELDS:
             turns = self._turns(record)
-        elif self.fmt == Format.alpaca:
+        elif fmt == Format.alpaca:
             instruction, extra = self._text(record, "instruction"), self._text(record, "input", False)
             prompt = f"{instruction}\n{extra}" if extra.strip() else instruction
             turns = [("user", prompt), ("assistant", self._text(record, "output"))]
         else:
             turns = [("user", self._text(record, "prompt")), ("assistant", self._text(record, "response"))]
-        if self.fmt in (Format.alpaca, Format.prompt_response):
+        if fmt in (Format.alpaca, Format.prompt_response):
             system = self._text(record, "system", False)
             if system.strip():
                 turns.insert(0, ("system", system))

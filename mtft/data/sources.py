@@ -105,6 +105,8 @@ def check_file(path: Path) -> None:
         return
     with path.open("rb") as fh:
         head = fh.read(8192)
+    if not head.strip() and path.stat().st_size <= len(head):
+        raise MtftError(f"{path}: no records (the file is empty)")
     kind = next((what for magic, what in MAGIC.items() if head.startswith(magic)), None)
     expected = {".jsonl.gz": "gzip-compressed", ".json.gz": "gzip-compressed", ".parquet": "a Parquet file"}
     want = expected.get(suffix(path))
@@ -162,8 +164,6 @@ def _cache(cache_dir: Path) -> str:
 def load_file(path: Path, cache_dir: Path) -> Dataset:
     """One data file (or saved dataset) as a memory-mapped Dataset."""
     check_file(path)
-    if path.is_file() and path.stat().st_size == 0:
-        raise MtftError(f"{path}: no records (the file is empty)")
     datasets.disable_progress_bars()
     try:
         if path.is_dir():
