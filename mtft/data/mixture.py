@@ -20,10 +20,10 @@ from datasets import Dataset, Features, Sequence, Value, concatenate_datasets
 from mtft.core.cache import build_dir_once
 from mtft.core.errors import MtftError
 from mtft.data import codetasks
-from mtft.data.config import DataConfig, DataSource, Format, TaskConfig, TrainOn
+from mtft.data.config import DataConfig, DataSource, TaskConfig, TrainOn
 from mtft.data.encode import Encoder
 from mtft.data.formats import Reader, RecordError, detect
-from mtft.data.sources import Origins, TaskReader, content_key, fingerprint
+from mtft.data.sources import COLUMNS, Origins, TaskReader, fingerprint, normalize_batch
 
 log = logging.getLogger(__name__)
 
@@ -81,19 +81,14 @@ class Mixture:
         return texts
 
 
-def conversations(records: list[dict], task: TaskConfig | None = None, file_id: int = -1) -> Dataset:
-    """In-memory records (any format) as a conversation Dataset; for generated data and tests."""
-    task = task or TaskConfig()
-    reader = None
-    columns: dict[str, list] = {"roles": [], "contents": [], "key": [], "file_id": [], "row": []}
-    for row, record in enumerate(records):
-        if reader is None:
-            fmt = detect(record, task.columns) if task.format == Format.auto else task.format
-            reader = Reader(fmt, task.columns, task.roles)
-        roles, contents = reader.conversation(record)
-        for name, value in zip(columns, (roles, contents, content_key(contents), file_id, row), strict=True):
-            columns[name].append(value)
-    return Dataset.from_dict(columns)
+def conversations(records: list[dict]) -> Dataset:
+    """In-memory records (one format, detected) as a conversation Dataset: generated data and tests."""
+    if not records:
+        return Dataset.from_dict({name: [] for name in COLUMNS})
+    reader = Reader(detect(records[0], {}), {}, {})
+    names = {name for record in records for name in record}
+    batch = {name: [record.get(name) for record in records] for name in names}
+    return Dataset.from_dict(normalize_batch(batch, list(range(len(records))), reader, -1))
 
 
 def _hold_out(ds: Dataset, fraction: float) -> tuple[Dataset, Dataset]:

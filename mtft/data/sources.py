@@ -217,9 +217,10 @@ def _file_identity(path: Path) -> list:
     return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
 
 
-def _normalize_batch(
+def normalize_batch(
     batch: dict[str, list], indices: list[int], reader: Reader, file_id: int
 ) -> dict[str, list]:
+    """A batch of records as conversations (COLUMNS); `indices` are the records' rows in file `file_id`."""
     out: dict[str, list] = {name: [] for name in COLUMNS}
     names = list(batch)
     for i, row in enumerate(indices):
@@ -282,7 +283,7 @@ class TaskReader:
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             return raw.map(
-                _normalize_batch,
+                normalize_batch,
                 fn_kwargs={"reader": reader, "file_id": file_id},
                 batched=True,
                 with_indices=True,
