@@ -449,3 +449,25 @@ def test_task_options_are_checked(tmp_path):
         DataConfig(source="files", tasks={"t": {"train": ["a"], "train_on": "everything"}})
     with pytest.raises(MtftError, match=r"give data.tasks.t.train files or .hub, not both"):
         DataConfig(source="files", tasks={"t": {"train": ["a"], "hub": {"path": "x/y"}}})
+
+
+def test_num_proc_gives_the_same_rows_and_names_a_bad_record(tokenizer, tmp_path):
+    records = [
+        {"messages": [{"role": "user", "content": f"{USER1} {i}"}, {"role": "assistant", "content": f"{i}"}]}
+        for i in range(2100)
+    ]
+    path = write(tmp_path / "many", records, "jsonl")
+    rows = {}
+    for num_proc in (1, 2):
+        cache = tmp_path / f"cache{num_proc}"
+        cfg = DataConfig(source="files", num_proc=num_proc, tasks={"t": TaskConfig(train=[str(path)])})
+        data = tokenize_mixture(
+            build_mixture(cfg, cache), tokenizer, 128, cache, template=QWEN2_5, num_proc=num_proc
+        )
+        rows[num_proc] = [(list(r["input_ids"]), list(r["labels"])) for r in data.train]
+    assert len(rows[1]) > 1900 and rows[1] == rows[2]
+    records[2049]["messages"][1]["role"] = "narrator"
+    write(tmp_path / "many", records, "jsonl")
+    cfg = DataConfig(source="files", num_proc=2, tasks={"t": TaskConfig(train=[str(path)])})
+    with pytest.raises(MtftError, match=r"many\.jsonl:2050: message 2: unknown role 'narrator'"):
+        build_mixture(cfg, tmp_path / "cache2")
