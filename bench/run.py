@@ -344,7 +344,7 @@ def render_targets(results: dict[str, Any]) -> str:
             d["python"]["peak_mb"] - d["python"]["base_mb"]
         )
         rows.append(
-            f"| tokenizing {d['conversations']:,} conversations: peak RSS growth ≤ 0.5x the data held as Python "
+            f"| tokenizing {d['conversations']:,} conversations: peak anonymous memory growth ≤ 0.5x the data held as Python "
             f"objects | {_x(ratio)} | {status(ratio <= 0.5)} |"
         )
     return "\n".join(rows)

@@ -65,7 +65,7 @@ class Mixture:
         splits = [
             {t: conversations(records) for t, records in split.items()} for split in (train, validation)
         ]
-        fingerprints = {t: fingerprint(splits[0][t]["key"], splits[1][t]["key"]) for t in train}
+        fingerprints = {t: fingerprint(list(splits[0][t]["key"]), list(splits[1][t]["key"])) for t in train}
         return cls(list(train), splits[0], splits[1], fingerprints)
 
     def corpus(self, max_chars: int) -> list[str]:
@@ -119,9 +119,8 @@ def _read_task(name: str, task: TaskConfig, cfg: DataConfig, cache_dir: Path, or
         split = task.hub.validation_split
         return read.hub(task.hub.split), read.hub(split) if split else None
     key = f"data.tasks.{name}"
-    return read.files(task.train, f"{key}.train"), read.files(
-        task.validation, f"{key}.validation"
-    ) if task.validation else None
+    train = read.files(task.train, f"{key}.train")
+    return train, read.files(task.validation, f"{key}.validation") if task.validation else None
 
 
 def build_mixture(cfg: DataConfig, cache_dir: Path) -> Mixture:
