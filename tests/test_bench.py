@@ -97,9 +97,6 @@ def test_data_pipeline_benchmark_runs_and_renders(setup: Setup):
 
     results = data.run(300, setup.model_path, (1,), log=lambda s: None)
     assert results["python"]["rows"] == 300 and results["mtft_1"]["rows"] == 300
-    assert (
-        results["mtft_1"]["tokens"] > 300 * 20
-        and results["mtft_1"]["hwm_mb"] > 0
-    )
+    assert results["mtft_1"]["tokens"] > 300 * 20 and results["mtft_1"]["hwm_mb"] > 0
     table = data.render(results)
     assert "300 generated conversations" in table and "`data.num_proc=1`" in table
