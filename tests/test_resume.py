@@ -165,3 +165,40 @@ def test_resumed_tensorboard_run_holds_each_step_once(run_mtft, tmp_path):
 def test_resume_path_that_is_not_a_checkpoint(run_mtft, tmp_path):
     proc = run_mtft("train", f"trainer.resume={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}", check=False)
     assert proc.returncode == 2 and "no checkpoint there" in proc.stderr
+
+
+def snapshot(run_dir: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+
+
+@pytest.mark.slow
+def test_second_run_into_a_run_dir_in_use_is_refused(run_mtft, mtft_env, tmp_path):
+    """A run holds its dir: a second one, resuming or not, is refused with exit 2 at once and writes
+    nothing there (the first is held inside a checkpoint write, so its files stand still)."""
+    run_dir, marker = tmp_path / "run", tmp_path / "in-save"
+    args = ["train", *BALANCERS["uniform"], *ARGS, f"hydra.run.dir={run_dir}"]
+    first = spawn(mtft_env, str(marker), *args, code=STALL_IN_SAVE)
+    try:
+        wait_for(marker.exists, first)
+        before = snapshot(run_dir)
+        assert run_dir / ".hydra" / "config.yaml" in before and run_dir / "metrics.jsonl" in before
+        for extra in (["trainer.resume=auto"], ["trainer.lr=1e-4"]):
+            proc = run_mtft(*args, "trainer.max_steps=8", *extra, check=False)
+            assert proc.returncode == 2, proc.stderr
+            assert f"error: {run_dir} is in use by another run" in proc.stderr
+            assert "Traceback" not in proc.stderr
+            assert snapshot(run_dir) == before
+    finally:
+        first.kill()
+        first.wait()
+
+
+@pytest.mark.slow
+def test_rerun_into_a_finished_run_dir_changes_nothing(run_mtft, reference):
+    run_dir = reference / "uniform"
+    before = snapshot(run_dir)
+    proc = run_mtft(
+        "train", *BALANCERS["uniform"], *ARGS, "trainer.lr=1e-4", f"hydra.run.dir={run_dir}", check=False
+    )
+    assert proc.returncode == 2 and "already holds a run" in proc.stderr, proc.stderr
+    assert snapshot(run_dir) == before

@@ -11,8 +11,7 @@ import transformers
 from transformers import set_seed
 
 from mtft.core.dist import barrier, device_for_rank, rank, rank_zero_first
-from mtft.core.errors import MtftError
-from mtft.core.rundir import METRICS, MODEL, RunSetup, Summary
+from mtft.core.rundir import MODEL, RunSetup, Summary
 from mtft.data.sampler import sequence_lengths
 from mtft.engine.checkpoint import find_checkpoint
 from mtft.engine.loop import TrainResult, peak_rss_mb
@@ -34,14 +33,9 @@ log = logging.getLogger("mtft")
 
 
 def checkpoint_to_resume(run_dir: Path, resume: str | None) -> Path | None:
-    """The checkpoint to continue from; a fresh run refuses a run dir that already holds a run."""
-    metrics = run_dir / METRICS
+    """The checkpoint to continue from (a fresh run into a dir that holds one was refused when the
+    dir was claimed, see mtft.launch.claim)."""
     if not resume:
-        if metrics.exists():
-            raise MtftError(
-                f"{run_dir} already holds a run (metrics.jsonl): continue it with trainer.resume=auto, "
-                "or choose another hydra.run.dir"
-            )
         return None
     path = find_checkpoint(run_dir, resume)
     if path is None:
