@@ -202,3 +202,42 @@ def test_rerun_into_a_finished_run_dir_changes_nothing(run_mtft, reference):
     )
     assert proc.returncode == 2 and "already holds a run" in proc.stderr, proc.stderr
     assert snapshot(run_dir) == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ("trainer.lr=1e-4", "trainer.lr (0.002 -> 0.0001)"),
+        ("trainer.batch_size=2", "trainer.batch_size (4 -> 2)"),
+        ("seed=1", "seed (0 -> 1)"),
+        ("trainer.max_steps=4", "trainer.max_steps=4 is below step 6 of the checkpoint"),
+    ],
+)
+def test_resume_refuses_what_it_cannot_honour(run_mtft, reference, tmp_path, change, named):
+    """A resumed run that would silently train something else is refused in one line, exit 2, and
+    the run dir (its .hydra/config.yaml included) is left as it was."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference / "uniform", run_dir)
+    before = snapshot(run_dir)
+    args = ["train", *BALANCERS["uniform"], *ARGS, "trainer.resume=auto", f"hydra.run.dir={run_dir}"]
+    proc = run_mtft(*args, change, check=False)
+    assert proc.returncode == 2, proc.stderr
+    (line,) = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert named in line and "Traceback" not in proc.stderr
+    assert snapshot(run_dir) == before
+
+
+@pytest.mark.slow
+def test_resume_applies_a_longer_run(run_mtft, reference, tmp_path):
+    """max_steps upward (with other cadence settings) is applied, and .hydra/config.yaml says so."""
+    import yaml
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference / "uniform", run_dir)
+    args = [*BALANCERS["uniform"], *ARGS, "trainer.resume=auto", f"hydra.run.dir={run_dir}"]
+    run_mtft("train", *args, "trainer.max_steps=8", "trainer.log_interval=2")
+    steps = [r["step"] for r in read_metrics(run_dir) if r["split"] == "train" and r["task"] == "all"]
+    assert steps == [1, 2, 3, 4, 5, 6, 8]
+    assert yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())["trainer"]["max_steps"] == 8
+    assert (run_dir / "checkpoints" / "step-00000008").is_dir()

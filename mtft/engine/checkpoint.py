@@ -6,7 +6,8 @@ position, the trainer's progress, and, per rank, the RNG states and the tracker 
 in its own files). Nothing else knows the layout. A checkpoint is a directory
 `checkpoints/step-XXXXXXXX/` holding `state.pt` (written by rank 0: the components every rank shares),
 `rng-rank<r>.pt` (each rank's own components: its RNG states and its sinks), the files of components
-that keep their own (DeepSpeed's `deepspeed/`), and `meta.json` (step, mean validation loss). It is
+that keep their own (DeepSpeed's `deepspeed/`), and `meta.json` (step, mean validation loss, world
+size and the run's config, which a resume checks, see mtft.recipe.resume). It is
 written into a temporary directory and renamed into place once every rank has finished, so a kill
 during a save never leaves a directory that looks complete: incomplete ones keep their `.tmp-` name
 and are ignored (and removed by the next save). Everything is loaded with
@@ -27,7 +28,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from mtft.core.dist import barrier, rank
+from mtft.core.dist import barrier, rank, world_size
 from mtft.core.errors import MtftError
 from mtft.core.rundir import CHECKPOINTS
 
@@ -102,10 +103,15 @@ class Checkpointer:
     """
 
     def __init__(
-        self, run_dir: Path, shared: dict[str, Stateful], per_rank: dict[str, Stateful], keep: int
+        self,
+        run_dir: Path,
+        shared: dict[str, Stateful],
+        per_rank: dict[str, Stateful],
+        keep: int,
+        config: dict[str, Any] | None = None,
     ) -> None:
         self.root = run_dir / CHECKPOINTS
-        self.shared, self.per_rank, self.keep = shared, per_rank, keep
+        self.shared, self.per_rank, self.keep, self.config = shared, per_rank, keep, config
 
     def _with_files(self) -> list[KeepsFiles]:
         return [c for c in [*self.shared.values(), *self.per_rank.values()] if isinstance(c, KeepsFiles)]
@@ -126,7 +132,8 @@ class Checkpointer:
         barrier()
         if rank() == 0:
             torch.save({"step": step, **_states(self.shared)}, tmp / SHARED_STATE)
-            (tmp / META).write_text(json.dumps({"step": step, "val_mean": val_mean}) + "\n")
+            meta = {"step": step, "val_mean": val_mean, "world_size": world_size(), "config": self.config}
+            (tmp / META).write_text(json.dumps(meta, default=str) + "\n")
             _fsync_tree(tmp)
             if final.exists():  # re-saving a step (e.g. after a resume): replace it whole
                 shutil.rmtree(final)
@@ -193,6 +200,17 @@ def find_checkpoint(run_dir: Path, resume: str) -> Path | None:
     if not (path / SHARED_STATE).is_file():
         raise MtftError(f"trainer.resume={resume}: no checkpoint there (expected {path / SHARED_STATE})")
     return path
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """The checkpoint's `meta.json`."""
+    try:
+        meta = json.loads((path / META).read_text())
+    except (OSError, ValueError) as e:
+        raise MtftError(f"cannot read {path / META}: {e}") from None
+    if not isinstance(meta, dict) or "step" not in meta:
+        raise MtftError(f"{path / META} is not a checkpoint's metadata")
+    return meta
 
 
 def _states(components: dict[str, Stateful]) -> dict[str, Any]:

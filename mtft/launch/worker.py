@@ -40,7 +40,8 @@ def main(argv: list[str]) -> int:
         cfg = load_launch_config(config_path)
         # The same join as every other launcher's, with the parent's resolved backend and timeout.
         join_process_group(cfg.distributed.backend, cfg.distributed.timeout_min)
-        train(cfg, run_dir)
+        # The parent resolved and checked the checkpoint: its path, or null for a fresh start.
+        train(cfg, run_dir, cfg.trainer.resume and Path(cfg.trainer.resume))
     except MtftError as e:
         log.error("error: %s", e)
         return 2
