@@ -1,5 +1,6 @@
 """Killed, preempted and resumed runs end exactly where an uninterrupted run ends (bitwise on CPU)."""
 
+import json
 import shutil
 import signal
 import subprocess
@@ -241,3 +242,42 @@ def test_resume_applies_a_longer_run(run_mtft, reference, tmp_path):
     assert steps == [1, 2, 3, 4, 5, 6, 8]
     assert yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())["trainer"]["max_steps"] == 8
     assert (run_dir / "checkpoints" / "step-00000008").is_dir()
+
+
+@pytest.mark.slow
+def test_damaged_latest_checkpoint_falls_back_to_the_one_before(run_mtft, reference, tmp_path):
+    """One flipped byte in the newest state.pt: the run resumes from the previous checkpoint with a
+    warning, and still ends exactly where the uninterrupted run ends."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference / "uniform", run_dir)
+    state = run_dir / "checkpoints" / "step-00000006" / "state.pt"
+    data = bytearray(state.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    state.write_bytes(data)
+    proc = run_mtft("train", *BALANCERS["uniform"], *ARGS, "trainer.resume=auto", f"hydra.run.dir={run_dir}")
+    assert "step-00000006 is damaged (state.pt does not match its checksum)" in proc.stderr
+    assert f"resumed from {run_dir / 'checkpoints' / 'step-00000004'} at step 4" in proc.stderr
+    assert_same_run(run_dir, reference / "uniform")
+
+
+@pytest.mark.slow
+def test_empty_meta_json_does_not_stop_later_saves(run_mtft, reference, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference / "uniform", run_dir)
+    (run_dir / "checkpoints" / "step-00000002" / "meta.json").write_text("")
+    args = [*BALANCERS["uniform"], *ARGS, "trainer.resume=auto", "trainer.max_steps=8"]
+    run_mtft("train", *args, f"hydra.run.dir={run_dir}")
+    assert json.loads((run_dir / "checkpoints" / "step-00000008" / "meta.json").read_text())["step"] == 8
+
+
+def test_metrics_shorter_than_the_checkpoint_says_is_an_error(tmp_path):
+    from mtft.core.errors import MtftError
+    from mtft.loggers.jsonl import JsonlSink
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n')
+    with pytest.raises(
+        MtftError, match=r"shorter \(12 bytes\) than the checkpoint's record of it \(40 bytes\)"
+    ):
+        JsonlSink(path).load_state_dict({"offset": 40})
+    assert path.read_bytes() == b'{"step": 1}\n'
