@@ -281,3 +281,22 @@ def test_metrics_shorter_than_the_checkpoint_says_is_an_error(tmp_path):
     ):
         JsonlSink(path).load_state_dict({"offset": 40})
     assert path.read_bytes() == b'{"step": 1}\n'
+
+
+@pytest.mark.slow
+def test_killing_the_parent_of_workers_kills_the_workers(mtft_env, tmp_path):
+    """kill -9 of the `mtft train` that started 2 workers: neither keeps training."""
+    import psutil
+
+    run_dir = tmp_path / "run"
+    args = [*ARGS, "trainer.max_steps=1000", "distributed.nproc_per_node=2", f"hydra.run.dir={run_dir}"]
+    proc = spawn(mtft_env, "train", *args)
+    wait_for(trained_to(run_dir, 1), proc)
+    workers = [
+        p for p in psutil.Process(proc.pid).children() if "mtft.launch.worker" in " ".join(p.cmdline())
+    ]
+    assert len(workers) == 2
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    _, alive = psutil.wait_procs(workers, timeout=30)
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
