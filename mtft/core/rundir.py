@@ -1,6 +1,6 @@
 """The run directory's contract, named once: the files a run writes and `mtft report` reads.
 
-.hydra/config.yaml    the composed config (Hydra)          metrics.jsonl   one row per task per logged step
+.hydra/config.yaml    the composed config (Hydra format)   metrics.jsonl   one row per task per logged step
 summary.json          a `Summary`, written when it ends    checkpoints/    step-XXXXXXXX/ (see engine.checkpoint)
 model/                the final model (or adapter)         train.log       the console log
 run.lock              locked while a run uses the dir (see mtft.launch.claim)
