@@ -1,5 +1,6 @@
 """Killed, preempted and resumed runs end exactly where an uninterrupted run ends (bitwise on CPU)."""
 
+import json
 import shutil
 import signal
 import subprocess
@@ -165,3 +166,137 @@ def test_resumed_tensorboard_run_holds_each_step_once(run_mtft, tmp_path):
 def test_resume_path_that_is_not_a_checkpoint(run_mtft, tmp_path):
     proc = run_mtft("train", f"trainer.resume={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}", check=False)
     assert proc.returncode == 2 and "no checkpoint there" in proc.stderr
+
+
+def snapshot(run_dir: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+
+
+@pytest.mark.slow
+def test_second_run_into_a_run_dir_in_use_is_refused(run_mtft, mtft_env, tmp_path):
+    """A run holds its dir: a second one, resuming or not, is refused with exit 2 at once and writes
+    nothing there (the first is held inside a checkpoint write, so its files stand still)."""
+    run_dir, marker = tmp_path / "run", tmp_path / "in-save"
+    args = ["train", *BALANCERS["uniform"], *ARGS, f"hydra.run.dir={run_dir}"]
+    first = spawn(mtft_env, str(marker), *args, code=STALL_IN_SAVE)
+    try:
+        wait_for(marker.exists, first)
+        before = snapshot(run_dir)
+        assert run_dir / ".hydra" / "config.yaml" in before and run_dir / "metrics.jsonl" in before
+        for extra in (["trainer.resume=auto"], ["trainer.lr=1e-4"]):
+            proc = run_mtft(*args, "trainer.max_steps=8", *extra, check=False)
+            assert proc.returncode == 2, proc.stderr
+            assert f"error: {run_dir} is in use by another run" in proc.stderr
+            assert "Traceback" not in proc.stderr
+            assert snapshot(run_dir) == before
+    finally:
+        first.kill()
+        first.wait()
+
+
+@pytest.mark.slow
+def test_rerun_into_a_finished_run_dir_changes_nothing(run_mtft, reference):
+    run_dir = reference / "uniform"
+    before = snapshot(run_dir)
+    proc = run_mtft(
+        "train", *BALANCERS["uniform"], *ARGS, "trainer.lr=1e-4", f"hydra.run.dir={run_dir}", check=False
+    )
+    assert proc.returncode == 2 and "already holds a run" in proc.stderr, proc.stderr
+    assert snapshot(run_dir) == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ("trainer.lr=1e-4", "trainer.lr (0.002 -> 0.0001)"),
+        ("trainer.batch_size=2", "trainer.batch_size (4 -> 2)"),
+        ("seed=1", "seed (0 -> 1)"),
+        ("trainer.max_steps=4", "trainer.max_steps=4 is below step 6 of the checkpoint"),
+    ],
+)
+def test_resume_refuses_what_it_cannot_honour(run_mtft, reference, tmp_path, change, named):
+    """A resumed run that would silently train something else is refused in one line, exit 2, and
+    the run dir (its .hydra/config.yaml included) is left as it was."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference / "uniform", run_dir)
+    before = snapshot(run_dir)
+    args = ["train", *BALANCERS["uniform"], *ARGS, "trainer.resume=auto", f"hydra.run.dir={run_dir}"]
+    proc = run_mtft(*args, change, check=False)
+    assert proc.returncode == 2, proc.stderr
+    (line,) = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert named in line and "Traceback" not in proc.stderr
+    assert snapshot(run_dir) == before
+
+
+@pytest.mark.slow
+def test_resume_applies_a_longer_run(run_mtft, reference, tmp_path):
+    """max_steps upward (with other cadence settings) is applied, and .hydra/config.yaml says so."""
+    import yaml
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference / "uniform", run_dir)
+    args = [*BALANCERS["uniform"], *ARGS, "trainer.resume=auto", f"hydra.run.dir={run_dir}"]
+    run_mtft("train", *args, "trainer.max_steps=8", "trainer.log_interval=2")
+    steps = [r["step"] for r in read_metrics(run_dir) if r["split"] == "train" and r["task"] == "all"]
+    assert steps == [1, 2, 3, 4, 5, 6, 8]
+    assert yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())["trainer"]["max_steps"] == 8
+    assert (run_dir / "checkpoints" / "step-00000008").is_dir()
+
+
+@pytest.mark.slow
+def test_damaged_latest_checkpoint_falls_back_to_the_one_before(run_mtft, reference, tmp_path):
+    """One flipped byte in the newest state.pt: the run resumes from the previous checkpoint with a
+    warning, and still ends exactly where the uninterrupted run ends."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference / "uniform", run_dir)
+    state = run_dir / "checkpoints" / "step-00000006" / "state.pt"
+    data = bytearray(state.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    state.write_bytes(data)
+    proc = run_mtft("train", *BALANCERS["uniform"], *ARGS, "trainer.resume=auto", f"hydra.run.dir={run_dir}")
+    assert "step-00000006 is damaged (state.pt does not match its checksum)" in proc.stderr
+    assert f"resumed from {run_dir / 'checkpoints' / 'step-00000004'} at step 4" in proc.stderr
+    assert_same_run(run_dir, reference / "uniform")
+
+
+@pytest.mark.slow
+def test_empty_meta_json_does_not_stop_later_saves(run_mtft, reference, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference / "uniform", run_dir)
+    (run_dir / "checkpoints" / "step-00000002" / "meta.json").write_text("")
+    args = [*BALANCERS["uniform"], *ARGS, "trainer.resume=auto", "trainer.max_steps=8"]
+    run_mtft("train", *args, f"hydra.run.dir={run_dir}")
+    assert json.loads((run_dir / "checkpoints" / "step-00000008" / "meta.json").read_text())["step"] == 8
+
+
+def test_metrics_shorter_than_the_checkpoint_says_is_an_error(tmp_path):
+    from mtft.core.errors import MtftError
+    from mtft.loggers.jsonl import JsonlSink
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n')
+    with pytest.raises(
+        MtftError, match=r"shorter \(12 bytes\) than the checkpoint's record of it \(40 bytes\)"
+    ):
+        JsonlSink(path).load_state_dict({"offset": 40})
+    assert path.read_bytes() == b'{"step": 1}\n'
+
+
+@pytest.mark.slow
+def test_killing_the_parent_of_workers_kills_the_workers(mtft_env, tmp_path):
+    """kill -9 of the `mtft train` that started 2 workers: neither keeps training."""
+    import psutil
+
+    run_dir = tmp_path / "run"
+    args = [*ARGS, "trainer.max_steps=1000", "distributed.nproc_per_node=2", f"hydra.run.dir={run_dir}"]
+    proc = spawn(mtft_env, "train", *args)
+    wait_for(trained_to(run_dir, 1), proc)
+    workers = [
+        p for p in psutil.Process(proc.pid).children() if "mtft.launch.worker" in " ".join(p.cmdline())
+    ]
+    assert len(workers) == 2
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    _, alive = psutil.wait_procs(workers, timeout=30)
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]

@@ -1,8 +1,9 @@
 """The run directory's contract, named once: the files a run writes and `mtft report` reads.
 
-.hydra/config.yaml    the composed config (Hydra)          metrics.jsonl   one row per task per logged step
+.hydra/config.yaml    the composed config (Hydra format)   metrics.jsonl   one row per task per logged step
 summary.json          a `Summary`, written when it ends    checkpoints/    step-XXXXXXXX/ (see engine.checkpoint)
 model/                the final model (or adapter)         train.log       the console log
+run.lock              locked while a run uses the dir (see mtft.launch.claim)
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ CHECKPOINTS = "checkpoints"
 MODEL = "model"
 LAUNCH_CONFIG = "launch_config.yaml"  # the resolved config a multi-process job's workers read
 TRAIN_LOG = "train.log"
+LOCK = "run.lock"
 
 
 def rank_metrics(rank: int) -> str:

@@ -6,7 +6,10 @@ position, the trainer's progress, and, per rank, the RNG states and the tracker 
 in its own files). Nothing else knows the layout. A checkpoint is a directory
 `checkpoints/step-XXXXXXXX/` holding `state.pt` (written by rank 0: the components every rank shares),
 `rng-rank<r>.pt` (each rank's own components: its RNG states and its sinks), the files of components
-that keep their own (DeepSpeed's `deepspeed/`), and `meta.json` (step, mean validation loss). It is
+that keep their own (DeepSpeed's `deepspeed/`), and `meta.json` (step, mean validation loss, world
+size, the run's config, which a resume checks (see mtft.recipe.resume), and the sha256 of every
+other file, checked before a checkpoint is used: a damaged latest checkpoint is passed over, with a
+warning, for the one before it). It is
 written into a temporary directory and renamed into place once every rank has finished, so a kill
 during a save never leaves a directory that looks complete: incomplete ones keep their `.tmp-` name
 and are ignored (and removed by the next save). Everything is loaded with
@@ -15,6 +18,7 @@ and are ignored (and removed by the next save). Everything is loaded with
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -27,7 +31,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from mtft.core.dist import barrier, rank
+from mtft.core.dist import barrier, rank, world_size
 from mtft.core.errors import MtftError
 from mtft.core.rundir import CHECKPOINTS
 
@@ -102,10 +106,15 @@ class Checkpointer:
     """
 
     def __init__(
-        self, run_dir: Path, shared: dict[str, Stateful], per_rank: dict[str, Stateful], keep: int
+        self,
+        run_dir: Path,
+        shared: dict[str, Stateful],
+        per_rank: dict[str, Stateful],
+        keep: int,
+        config: dict[str, Any] | None = None,
     ) -> None:
         self.root = run_dir / CHECKPOINTS
-        self.shared, self.per_rank, self.keep = shared, per_rank, keep
+        self.shared, self.per_rank, self.keep, self.config = shared, per_rank, keep, config
 
     def _with_files(self) -> list[KeepsFiles]:
         return [c for c in [*self.shared.values(), *self.per_rank.values()] if isinstance(c, KeepsFiles)]
@@ -126,7 +135,14 @@ class Checkpointer:
         barrier()
         if rank() == 0:
             torch.save({"step": step, **_states(self.shared)}, tmp / SHARED_STATE)
-            (tmp / META).write_text(json.dumps({"step": step, "val_mean": val_mean}) + "\n")
+            meta = {
+                "step": step,
+                "val_mean": val_mean,
+                "world_size": world_size(),
+                "config": self.config,
+                "sha256": {f.relative_to(tmp).as_posix(): _sha256(f) for f in _files(tmp)},
+            }
+            (tmp / META).write_text(json.dumps(meta, default=str) + "\n")
             _fsync_tree(tmp)
             if final.exists():  # re-saving a step (e.g. after a resume): replace it whole
                 shutil.rmtree(final)
@@ -175,9 +191,46 @@ def checkpoint_dirs(root: Path) -> list[Path]:
     return [p for _, p in sorted(found) if (p / META).is_file() and (p / SHARED_STATE).is_file()]
 
 
+def _files(directory: Path) -> list[Path]:
+    """Every file of a checkpoint but its meta.json, which lists their checksums."""
+    return sorted(f for f in directory.rglob("*") if f.is_file() and f != directory / META)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def damage(path: Path) -> str | None:
+    """What is wrong with the checkpoint at `path` (None: intact). One written by an mtft that kept
+    no checksums is taken as intact."""
+    try:
+        meta = read_meta(path)
+    except MtftError as e:
+        return str(e)
+    recorded: dict[str, str] = meta.get("sha256", {})
+    for name, digest in recorded.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if _sha256(file) != digest:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def _val_mean(path: Path) -> float | None:
+    try:
+        return read_meta(path).get("val_mean")
+    except MtftError:  # damaged: never the best
+        return None
+
+
 def _prune(root: Path, keep: int) -> None:
     dirs = checkpoint_dirs(root)
-    scored = [(json.loads((d / META).read_text()).get("val_mean"), d) for d in dirs]
+    scored = [(_val_mean(d), d) for d in dirs]
     best = min(((v, d) for v, d in scored if v is not None), default=(None, None), key=lambda x: x[0])[1]
     for d in dirs[: max(len(dirs) - keep, 0)]:
         if d != best:
@@ -185,14 +238,36 @@ def _prune(root: Path, keep: int) -> None:
 
 
 def find_checkpoint(run_dir: Path, resume: str) -> Path | None:
-    """`auto`: the latest complete checkpoint in the run dir (None if there is none); else a path."""
+    """`auto`: the latest intact checkpoint in the run dir (None if there is none; damaged ones are
+    passed over with a warning); else a path, which must be intact."""
     if resume == "auto":
         dirs = checkpoint_dirs(run_dir / CHECKPOINTS)
-        return dirs[-1] if dirs else None
+        for path in reversed(dirs):
+            problem = damage(path)
+            if problem is None:
+                return path
+            log.warning("checkpoint %s is damaged (%s): trying the one before it", path, problem)
+        if dirs:
+            raise MtftError(f"trainer.resume=auto: every checkpoint in {run_dir / CHECKPOINTS} is damaged")
+        return None
     path = Path(resume).expanduser()
     if not (path / SHARED_STATE).is_file():
         raise MtftError(f"trainer.resume={resume}: no checkpoint there (expected {path / SHARED_STATE})")
+    problem = damage(path)
+    if problem is not None:
+        raise MtftError(f"trainer.resume={resume}: the checkpoint is damaged ({problem})")
     return path
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """The checkpoint's `meta.json`."""
+    try:
+        meta = json.loads((path / META).read_text())
+    except (OSError, ValueError) as e:
+        raise MtftError(f"cannot read {path / META}: {e}") from None
+    if not isinstance(meta, dict) or "step" not in meta:
+        raise MtftError(f"{path / META} is not a checkpoint's metadata")
+    return meta
 
 
 def _states(components: dict[str, Stateful]) -> dict[str, Any]:

@@ -138,6 +138,7 @@ class Trainer:
         tracker: Tracker,
         run_dir: Path,
         seed: int = 0,
+        config: dict[str, Any] | None = None,  # recorded with each checkpoint (mtft.recipe.resume)
     ) -> None:
         self.cfg, self.backend, self.data, self.collator = cfg, backend, data, collator
         self.sampler, self.balancer, self.tracker = sampler, balancer, tracker
@@ -160,6 +161,7 @@ class Trainer:
             },
             per_rank={"rng": RngState(self.probe_rng), "tracker": tracker},
             keep=cfg.keep_checkpoints,
+            config=config,
         )
 
     def _val_losses(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import hydra
@@ -13,6 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from mtft.core.errors import Interrupted, MtftError
+from mtft.launch.claim import claim_run_dir, detach_log_file, write_hydra_files
 from mtft.launch.process_group import join_process_group
 from mtft.recipe.config import TrainConfig, conf_dir, register_configs
 from mtft.recipe.validate import validate
@@ -31,22 +33,22 @@ def main(cfg: DictConfig) -> None:
     task_started = True
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    # Rank 0 (or the only process) claims the run dir for the job; the other ranks of a launched job
+    # run under its claim, and mtft's own workers under their parent's.
+    first = int(os.environ.get("RANK", "0")) == 0
+    started = False
     try:
         typed: TrainConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]  # runs the __post_init__ checks
         validate(typed)  # the cross-section rules, before any data, model or engine is built
-        dist = typed.distributed
-        # A rank of a launched job (torchrun, deepspeed, srun, submitit) joins its group here, with
-        # the configured backend and timeout; a single process joins nothing.
-        join_process_group(dist.backend, dist.timeout_min)
-        if "RANK" not in os.environ and (dist.nproc_per_node > 1 or dist.nnodes > 1):
-            from mtft.launch.workers import launch_workers
-
-            launch_workers(typed, OmegaConf.to_yaml(cfg, resolve=True), run_dir)
-        else:
-            from mtft.recipe.finetune import train
-
-            train(typed, run_dir)
+        with claim_run_dir(run_dir, typed.trainer.resume) if first else nullcontext():
+            resume_from = _resume_point(run_dir, typed)
+            started = True
+            if first:  # the dir is ours and the config can run: .hydra/ now records it
+                write_hydra_files(run_dir, cfg, HydraConfig.instance().cfg)
+            _run(typed, cfg, run_dir, resume_from)
     except MtftError as e:
+        if not started:
+            detach_log_file()  # refused before the run began: the run dir gets nothing
         log.error("error: %s", e)
         sys.exit(2)
     except Interrupted as e:
@@ -56,3 +58,30 @@ def main(cfg: DictConfig) -> None:
             hydra_cfg.runtime.output_dir,
         )
         sys.exit(Interrupted.exit_code)
+
+
+def _resume_point(run_dir: Path, cfg: TrainConfig) -> Path | None:
+    """The checkpoint to continue from, checked against the config of this job's world size."""
+    from mtft.launch.process_group import launched_world_size
+    from mtft.recipe.resume import resume_point
+
+    dist = cfg.distributed
+    world = launched_world_size() if "RANK" in os.environ else dist.nproc_per_node * dist.nnodes
+    return resume_point(run_dir, cfg, world)
+
+
+def _run(typed: TrainConfig, cfg: DictConfig, run_dir: Path, resume_from: Path | None) -> None:
+    dist = typed.distributed
+    # A rank of a launched job (torchrun, deepspeed, srun, submitit) joins its group here, with
+    # the configured backend and timeout; a single process joins nothing.
+    join_process_group(dist.backend, dist.timeout_min)
+    if "RANK" not in os.environ and (dist.nproc_per_node > 1 or dist.nnodes > 1):
+        from mtft.launch.workers import launch_workers
+
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        resolved["trainer"]["resume"] = resume_from and str(resume_from)  # type: ignore[index]  # checked here
+        launch_workers(typed, OmegaConf.to_yaml(resolved), run_dir)
+    else:
+        from mtft.recipe.finetune import train
+
+        train(typed, run_dir, resume_from)

@@ -121,12 +121,8 @@ def join_launched_job(argv: list[str]) -> list[str]:
     if launched_world_size() == 1:
         return argv
     agree_on_run_clock()
-    # Rank 0 writes .hydra/ and logs for the job; the others only warn.
-    return (
-        argv
-        if int(os.environ["RANK"]) == 0
-        else [*argv, "hydra.output_subdir=null", "hydra.job_logging.root.level=WARNING"]
-    )
+    # Rank 0 claims the run dir, writes .hydra/ and logs for the job; the others only warn.
+    return argv if int(os.environ["RANK"]) == 0 else [*argv, "hydra.job_logging.root.level=WARNING"]
 
 
 def agree_on_run_clock() -> None:

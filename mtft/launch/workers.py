@@ -3,12 +3,14 @@
 `mtft train distributed.nproc_per_node=N` (also each job of a `-m` sweep) runs the Hydra job in one
 parent process, which writes the resolved config into the run dir and starts N workers with
 torchrun's elastic agent (`torch.distributed.launcher`); each worker (`python -m mtft.launch.worker`)
-trains as one rank.
+trains as one rank. The parent holds the run dir's lock (mtft.launch.claim) for them, and each
+worker dies with the parent (PR_SET_PDEATHSIG, see mtft.launch.worker), so no worker outlives it.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import uuid
 from pathlib import Path
@@ -60,7 +62,9 @@ def launch_workers(cfg: TrainConfig, resolved_yaml: str, run_dir: Path) -> None:
         run_dir,
     )
     try:
-        elastic_launch(launch, sys.executable)("-m", "mtft.launch.worker", str(config_path), str(run_dir))
+        elastic_launch(launch, sys.executable)(
+            "-m", "mtft.launch.worker", str(config_path), str(run_dir), str(os.getpid())
+        )
     except SignalException as e:
         # SIGTERM/SIGINT to this parent: the agent passed it on to the workers and waited while
         # they saved a checkpoint and stopped.

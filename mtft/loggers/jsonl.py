@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any, TextIO
 
+from mtft.core.errors import MtftError
 from mtft.loggers.base import Row
 
 
@@ -15,7 +16,8 @@ class JsonlSink:
     The file is created with the first row, so a run that fails before logging leaves no file behind.
     Its state is its length in bytes: a sink restored from a checkpoint cuts the file back to it (the
     rows written after the checkpoint are replayed), and one that was not restored starts the file
-    afresh (an earlier attempt that died before its first checkpoint is replayed whole).
+    afresh (an earlier attempt that died before its first checkpoint is replayed whole). A file
+    shorter than its checkpoint's record is an error: the rows it lost cannot be replayed.
     """
 
     def __init__(self, path: Path) -> None:
@@ -37,7 +39,13 @@ class JsonlSink:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         offset = int(state["offset"])
-        if self.path.exists() and self.path.stat().st_size > offset:
+        size = self.path.stat().st_size if self.path.exists() else 0
+        if size < offset:  # rows the checkpoint counts on are gone: never pad, never guess
+            raise MtftError(
+                f"{self.path} is shorter ({size} bytes) than the checkpoint's record of it ({offset} bytes): "
+                "it was cut or replaced since; restore it, or resume from an earlier checkpoint"
+            )
+        if size > offset:
             with self.path.open("r+b") as fh:
                 fh.truncate(offset)
         self._restored_offset = offset

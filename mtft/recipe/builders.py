@@ -35,6 +35,7 @@ from mtft.models.adapters import apply_peft
 from mtft.models.config import PromptFormat
 from mtft.models.loading import load_model, load_tokenizer, resolve_path
 from mtft.recipe.config import TrainConfig
+from mtft.recipe.resume import run_record
 
 log = logging.getLogger("mtft")
 
@@ -168,5 +169,14 @@ def build_trainer(
     """The loop over all of the above; it also checkpoints and restores them."""
     collator = TaskCollator(data.tokenizer.pad_token_id)
     return Trainer(
-        cfg.trainer, backend, data.mixture, collator, sampler, balancer, tracker, run_dir, cfg.seed
+        cfg.trainer,
+        backend,
+        data.mixture,
+        collator,
+        sampler,
+        balancer,
+        tracker,
+        run_dir,
+        cfg.seed,
+        config=run_record(cfg),
     )

@@ -11,10 +11,8 @@ import transformers
 from transformers import set_seed
 
 from mtft.core.dist import barrier, device_for_rank, rank, rank_zero_first
-from mtft.core.errors import MtftError
-from mtft.core.rundir import METRICS, MODEL, RunSetup, Summary
+from mtft.core.rundir import MODEL, RunSetup, Summary
 from mtft.data.sampler import sequence_lengths
-from mtft.engine.checkpoint import find_checkpoint
 from mtft.engine.loop import TrainResult, peak_rss_mb
 from mtft.loggers.console import print_final_table
 from mtft.models.adapters import count_parameters
@@ -33,26 +31,10 @@ from mtft.recipe.runinfo import lr_warning, run_setup, setup_block
 log = logging.getLogger("mtft")
 
 
-def checkpoint_to_resume(run_dir: Path, resume: str | None) -> Path | None:
-    """The checkpoint to continue from; a fresh run refuses a run dir that already holds a run."""
-    metrics = run_dir / METRICS
-    if not resume:
-        if metrics.exists():
-            raise MtftError(
-                f"{run_dir} already holds a run (metrics.jsonl): continue it with trainer.resume=auto, "
-                "or choose another hydra.run.dir"
-            )
-        return None
-    path = find_checkpoint(run_dir, resume)
-    if path is None:
-        log.info("trainer.resume=auto: no checkpoint in %s yet, starting from the beginning", run_dir)
-    return path
-
-
-def train(cfg: TrainConfig, run_dir: Path) -> Summary:
-    """Run one training job into `run_dir` and return its summary."""
+def train(cfg: TrainConfig, run_dir: Path, resume_from: Path | None) -> Summary:
+    """Run one training job into `run_dir` (claimed, see mtft.launch.claim) and return its summary;
+    `resume_from`: the checkpoint to continue from (see mtft.recipe.resume), None for a fresh start."""
     start = time.perf_counter()
-    resume_from = checkpoint_to_resume(run_dir, cfg.trainer.resume)
     barrier()  # every rank has looked at the run dir before rank 0 writes to it
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
