@@ -63,35 +63,25 @@ SYSTEM, USER1, A1, USER2, A2 = "You are terse.", "Add 1 and 2.", "3", "Now times
 TURNS = [("system", SYSTEM), ("user", USER1), ("assistant", A1), ("user", USER2), ("assistant", A2)]
 SINGLE = TURNS[:3]
 
+
+def conversation_records(turns: list[tuple[str, str]]) -> dict[str, dict]:
+    """One conversation as a record of each conversation format, with that format's own role names."""
+    sharegpt = {"user": "human", "assistant": "gpt"}
+    mftcoder = {"user": "human", "assistant": "bot"}
+    return {
+        "messages": {"messages": [{"role": r, "content": c} for r, c in turns]},
+        "sharegpt": {"conversations": [{"from": sharegpt.get(r, r), "value": c} for r, c in turns]},
+        "chat_rounds": {"chat_rounds": [{"role": mftcoder.get(r, r), "content": c} for r, c in turns]},
+    }
+
+
 # The same single-turn conversation with a system prompt, in each format that can hold it.
 SINGLE_RECORDS = {
-    "messages": {"messages": [{"role": r, "content": c} for r, c in SINGLE]},
-    "sharegpt": {
-        "conversations": [
-            {"from": {"user": "human", "assistant": "gpt"}.get(r, r), "value": c} for r, c in SINGLE
-        ]
-    },
-    "chat_rounds": {
-        "chat_rounds": [
-            {"role": {"user": "human", "assistant": "bot"}.get(r, r), "content": c} for r, c in SINGLE
-        ]
-    },
+    **conversation_records(SINGLE),
     "alpaca": {"instruction": USER1, "input": "", "output": A1, "system": SYSTEM},
     "prompt_response": {"prompt": USER1, "response": A1, "system": SYSTEM},
 }
-MULTI_RECORDS = {
-    "messages": {"messages": [{"role": r, "content": c} for r, c in TURNS]},
-    "sharegpt": {
-        "conversations": [
-            {"from": {"user": "human", "assistant": "gpt"}.get(r, r), "value": c} for r, c in TURNS
-        ]
-    },
-    "chat_rounds": {
-        "chat_rounds": [
-            {"role": {"user": "human", "assistant": "bot"}.get(r, r), "content": c} for r, c in TURNS
-        ]
-    },
-}
+MULTI_RECORDS = conversation_records(TURNS)
 FLAT = ("alpaca", "prompt_response")  # the formats a CSV file can hold
 
 

@@ -117,8 +117,9 @@ def check_file(path: Path) -> None:
         if kind not in ("an Arrow file", "an Arrow stream"):
             raise MtftError(f"{path}: not an Arrow file as its name says")
     elif kind is not None or b"\x00" in head:
-        what = kind or "a binary file"
-        raise MtftError(f"{path}: {what}, not {suffix(path)} text; name it for what it is (e.g. .jsonl.gz)")
+        rename = {"gzip-compressed": ".jsonl.gz", "a Parquet file": ".parquet", "an Arrow stream": ".arrow"}
+        hint = f"; name it for what it is (e.g. {rename[kind]})" if kind in rename else ""
+        raise MtftError(f"{path}: {kind or 'a binary file'}, not {suffix(path)} text{hint}")
 
 
 def _open_text(path: Path):
