@@ -18,7 +18,7 @@ import torch
 
 from mtft.balancers.base import Balancer
 from mtft.core.errors import MtftError
-from mtft.core.schema import positive, require
+from mtft.core.schema import MAX_INT, positive, require
 
 
 def least_squares_slope(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -65,6 +65,7 @@ class CobaBalancerConfig:
             value = getattr(self, key)
             ok = isinstance(value, int) and not isinstance(value, bool) and value >= low
             require(ok, f"balancer.{key}", f"an integer >= {low}{why}", value)
+            require(value <= MAX_INT, f"balancer.{key}", f"<= {MAX_INT}", value)
 
         integer("warmup_steps", 0)
         integer("history_length", 2, " (a slope needs two points)")
