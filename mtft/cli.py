@@ -53,10 +53,14 @@ def _train(args: list[str]) -> int:
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra raises instead of printing and exiting 1
     try:
         app.main()
-    except (HydraException, OmegaConfBaseException) as e:
+    except Exception as e:
         if app.task_started or user_wants_trace:
             raise
-        print(f"error: {config_error_message(e)}", file=sys.stderr)
+        # Before the task starts only Hydra runs, and some of its composition failures are bare
+        # asserts (`+deepspeed.extra.x=1` while deepspeed=none): still the user's overrides.
+        known = isinstance(e, HydraException | OmegaConfBaseException)
+        message = config_error_message(e) if known else f"the overrides could not be applied: {e!r}"
+        print(f"error: {message}", file=sys.stderr)
         return 2
     return 0
 

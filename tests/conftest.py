@@ -45,12 +45,17 @@ def run_mtft(mtft_env: dict[str, str]):
     """Run the real `mtft` CLI in a subprocess (as a user would) and return the completed process."""
 
     def run(
-        *args: str, cwd: Path | None = None, check: bool = True, timeout: int = 600
+        *args: str,
+        cwd: Path | None = None,
+        check: bool = True,
+        timeout: int = 600,
+        env: dict[str, str] | None = None,
     ) -> subprocess.CompletedProcess:
+        """`env`: variables the child gets on top of the session's (a fake key, a trapped proxy)."""
         proc = subprocess.run(
             [sys.executable, "-m", "mtft", *args],
             cwd=cwd or ROOT,
-            env=mtft_env,
+            env={**mtft_env, **(env or {})},
             capture_output=True,
             text=True,
             timeout=timeout,

@@ -30,6 +30,7 @@ TINY = [
     "trainer.save_model=false",
 ]
 FAKE_KEY = "fakekey0123456789abcdef0123456789abcdef01"
+CANARY = "canary0123456789"
 
 
 # --- series naming (no run needed) --------------------------------------------------------------
@@ -210,6 +211,7 @@ def logged_run(run_mtft, tmp_path_factory):
     trap = ConnectionTrap()
     env = {
         "WANDB_API_KEY": FAKE_KEY,
+        "WANDB_NOTES": CANARY,  # wandb reads it into the run: proof the child got this environment
         "WANDB_BASE_URL": trap.url,
         "HTTP_PROXY": trap.url,
         "HTTPS_PROXY": trap.url,
@@ -221,22 +223,22 @@ def logged_run(run_mtft, tmp_path_factory):
         "WANDB_CACHE_DIR": str(tmp / "wandb-cache"),
         "WANDB_DATA_DIR": str(tmp / "wandb-data"),
     }
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in env.items():
-            mp.setenv(key, value)
-        proc = run_mtft(
-            "train",
-            "-m",
-            "logger=all",
-            "logger.wandb.mode=offline",
-            "logger.wandb.project=mtft-test",
-            "balancer=coba",
-            "balancer.warmup_steps=1",
-            "balancer.history_length=3",
-            "seed=1",
-            *TINY,
-            f"hydra.sweep.dir={sweep}",
-        )
+    proc = run_mtft(
+        "train",
+        "-m",
+        "logger=all",
+        "logger.wandb.mode=offline",
+        "logger.wandb.project=mtft-test",
+        "balancer=coba",
+        "balancer.warmup_steps=1",
+        "balancer.history_length=3",
+        "seed=1",
+        *TINY,
+        f"hydra.sweep.dir={sweep}",
+        f"+hydra.job.env_set.HF_TOKEN={FAKE_KEY}",  # a secret on the command line, as W&B records it
+        f"+hydra.job.env_set.MTFT_CANARY={CANARY}",  # and a harmless value that it must record
+        env=env,
+    )
     trap.close()
     return sweep / "0", sweep, proc, trap
 
@@ -282,7 +284,14 @@ def test_nothing_touches_the_network(logged_run):
 def test_api_key_is_never_written_or_printed(logged_run):
     run_dir, sweep, proc, _ = logged_run
     files = [p for p in sweep.rglob("*") if p.is_file()]
-    assert any(p.suffix == ".wandb" for p in files) and any("tfevents" in p.name for p in files)
+    (wandb_file,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    assert any("tfevents" in p.name for p in files)
+    # The controls: the child had the environment with the key, and W&B recorded its command line
+    # (the canary override), so a key in either would be found below.
+    (run,) = [r.run for r in read_wandb_records(wandb_file) if r.WhichOneof("record_type") == "run"]
+    assert run.notes == CANARY
+    assert f"MTFT_CANARY={CANARY}".encode() in wandb_file.read_bytes()
+    assert b"HF_TOKEN=<redacted>" in wandb_file.read_bytes()
     leaked = [p for p in files if FAKE_KEY.encode() in p.read_bytes()]
     assert leaked == []
     assert FAKE_KEY not in proc.stdout and FAKE_KEY not in proc.stderr

@@ -18,10 +18,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from mtft.core.errors import MtftError
 from mtft.core.rundir import CONFIG, HYDRA_DIR, LOCK, METRICS
+from mtft.loggers.context import redact
 
 
 def _lock(fd: int, run_dir: Path) -> None:
@@ -74,15 +76,20 @@ def leave_run_dir(run_dir: Path) -> None:
 
 def write_hydra_files(run_dir: Path, cfg: DictConfig, hydra_cfg: DictConfig) -> None:
     """`.hydra/config.yaml`, `hydra.yaml` and `overrides.yaml` as Hydra writes them (`hydra_cfg`:
-    Hydra's own config, under its `hydra` key), each replaced atomically: the config of the run that now uses the dir (`mtft report` and `mtft export` read it)."""
+    Hydra's own config, under its `hydra` key), secrets redacted, each replaced atomically: the
+    config of the run that now uses the dir (`mtft report` and `mtft export` read it). A sweep's
+    `multirun.yaml`, which Hydra's launcher wrote with the command line as given, is redacted too."""
     (run_dir / HYDRA_DIR).mkdir(parents=True, exist_ok=True)
     files = {
-        CONFIG: cfg,
-        f"{HYDRA_DIR}/hydra.yaml": hydra_cfg,
-        f"{HYDRA_DIR}/overrides.yaml": hydra_cfg.hydra.overrides.task,
+        run_dir / CONFIG: cfg,
+        run_dir / HYDRA_DIR / "hydra.yaml": hydra_cfg,
+        run_dir / HYDRA_DIR / "overrides.yaml": hydra_cfg.hydra.overrides.task,
     }
-    for name, node in files.items():
-        path = run_dir / name
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(OmegaConf.to_yaml(node), encoding="utf-8")
+    sweep_file = Path(hydra_cfg.hydra.sweep.dir) / "multirun.yaml"
+    if hydra_cfg.hydra.mode == RunMode.MULTIRUN and sweep_file.is_file():
+        files[sweep_file] = OmegaConf.load(sweep_file)
+    for path, node in files.items():
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # jobs of a sweep may share a file
+        plain = redact(OmegaConf.to_container(node, resolve=False))
+        tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(plain)), encoding="utf-8")
         os.replace(tmp, path)

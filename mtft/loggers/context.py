@@ -23,9 +23,24 @@ SECRET_KEY = re.compile(
 )
 
 
+# `key=value` inside a string: a command-line override (`+hydra.job.env_set.WANDB_API_KEY=...`) as
+# argv, Hydra's recorded overrides and its `override_dirname` hold it.
+ASSIGNMENT = re.compile(r"(?P<key>[\w.]+)=(?P<value>[^,\s]*)")
+
+
+def _masked(text: str) -> str:
+    def mask(m: re.Match[str]) -> str:
+        return f"{m['key']}=<redacted>" if SECRET_KEY.search(m["key"].rsplit(".", 1)[-1]) else m[0]
+
+    return ASSIGNMENT.sub(mask, text)
+
+
 def redact(node: Any) -> Any:
-    """A copy of a config tree without the entries whose key names a secret; choices (enums) become
+    """A copy of a config tree (or a command line) without secrets: entries whose key names one are
+    dropped, and the value of a `secret_key=value` inside a string is masked. Choices (enums) become
     plain strings, so yaml.safe_dump and W&B see ordinary values."""
+    if isinstance(node, str):
+        return _masked(node)
     if isinstance(node, dict):
         return {k: redact(v) for k, v in node.items() if not SECRET_KEY.search(str(k))}
     if isinstance(node, list | tuple):

@@ -8,11 +8,15 @@ live under `<run dir>/wandb/`. The API key is only ever read by wandb itself (fr
 
 from __future__ import annotations
 
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from mtft.core.errors import MtftError
 from mtft.loggers.config import WandbConfig
-from mtft.loggers.context import RunContext
+from mtft.loggers.context import RunContext, redact
 from mtft.loggers.series import Row, series_by_step
 
 
@@ -33,6 +37,17 @@ def init_kwargs(cfg: WandbConfig, ctx: RunContext) -> dict[str, Any]:
         "config": {**ctx.config, "choices": ctx.choices},
         "dir": str(ctx.run_dir),
     }
+
+
+@contextmanager
+def redacted_argv() -> Iterator[None]:
+    """`sys.argv` without the values of secret overrides (`...api_key=...`), for as long as W&B reads it."""
+    argv = sys.argv
+    sys.argv = redact(argv)
+    try:
+        yield
+    finally:
+        sys.argv = argv
 
 
 def previous_run_id(ctx: RunContext) -> str | None:
@@ -63,13 +78,18 @@ class WandbSink:
         import wandb
 
         kwargs = dict(self.kwargs)
+        if (kwargs["mode"] or os.environ.get("WANDB_MODE")) == "offline":
+            # Offline means no network, but wandb's own error reporting and telemetry (Sentry,
+            # OpenTelemetry) still post to the server unless told not to.
+            os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
         run_id = self.run_id or previous_run_id(self.ctx)
         if run_id:
             kwargs.update(id=run_id, resume="allow")
         # console="off": the run dir already has the console log (train.log), and the live progress
         # bar stays intact.
         try:
-            run = wandb.init(**kwargs, settings=wandb.Settings(console="off"))
+            with redacted_argv():  # W&B records the command line as the run's `args`
+                run = wandb.init(**kwargs, settings=wandb.Settings(console="off"))
         except wandb.errors.Error as e:
             raise MtftError(
                 f"wandb could not start a run: {e} (no network or no login? try logger.wandb.mode=offline)"
