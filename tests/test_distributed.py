@@ -21,7 +21,7 @@ from mtft.core.errors import MtftError
 from mtft.engine.config import DeepSpeedConfig, TrainerConfig
 from mtft.engine.deepspeed_config import deepspeed_config
 
-from conftest import read_metrics
+from conftest import read_metrics, read_wandb_records
 
 pytestmark = pytest.mark.slow
 
@@ -167,18 +167,24 @@ def test_slurm_tasks_become_ranks(single: Path, mtft_env, tmp_path: Path) -> Non
 
 
 def test_multirun_of_multiprocess_jobs(run_mtft, tmp_path: Path) -> None:
-    """Each sweep job is its own 2-process group; one dir per job and no stray timestamped dirs."""
+    """Each sweep job is its own 2-process group; one dir per job and no stray timestamped dirs;
+    the W&B runs, started by the workers, are named and grouped as a one-process sweep's."""
     sweep = tmp_path / "sweep"
     run_mtft(
         "train", "-m", "balancer=uniform,coba", "distributed.nproc_per_node=2", "trainer.max_steps=3",
         "trainer.eval_interval=3", "trainer.eval_batches=1", "trainer.eval_batch_size=8", "trainer.batch_size=4",
-        "trainer.save_model=false", f"hydra.sweep.dir={sweep}", cwd=tmp_path,
+        "trainer.save_model=false", "logger=wandb", "logger.wandb.mode=offline", f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
     )  # fmt: skip
     jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
     assert jobs == ["0", "1"]
     for job, balancer in zip(jobs, ["uniform", "coba"], strict=True):
         summary = json.loads((sweep / job / "summary.json").read_text())
         assert summary["balancer"] == balancer and summary["steps"] == 3
+        (wandb_file,) = (sweep / job / "wandb").glob("offline-run-*/run-*.wandb")
+        (run,) = [r.run for r in read_wandb_records(wandb_file) if r.WhichOneof("record_type") == "run"]
+        assert run.run_group == str(sweep) and run.display_name == f"{balancer} seed=0"
+        assert list(run.tags) == [f"balancer={balancer}", "data=codetasks"]
     assert not (tmp_path / "outputs").exists() and not (tmp_path / "multirun").exists()
 
 

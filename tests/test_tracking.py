@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import socket
-import struct
 import threading
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from mtft.loggers.series import row_series, series_by_step
 from mtft.loggers.wandb import init_kwargs, previous_run_id
 from mtft.recipe.config import TrainConfig
 
-from conftest import read_metrics
+from conftest import read_metrics, read_wandb_records
 
 TASKS = ["code_completion", "docstring_to_code", "code_to_docstring", "function_naming"]
 TINY = [
@@ -178,29 +177,6 @@ class ConnectionTrap:
         self.running = False
         self.thread.join()
         self.sock.close()
-
-
-def read_wandb_records(path: Path) -> list:
-    """Decode a .wandb file: a LevelDB-style log (32 KiB blocks, 7-byte chunk headers) of protobuf Records."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data = path.read_bytes()
-    assert data[:4] == b":W&B", "not a wandb transaction log"
-    block, pos, pending, records = 32768, 7, b"", []
-    while pos + 7 <= len(data):
-        left = block - pos % block
-        if left < 7:  # block trailer padding
-            pos += left
-            continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        pending += data[pos + 7 : pos + 7 + length]
-        pos += 7 + length
-        if kind in (1, 4):  # FULL or LAST chunk: a record is complete
-            record = pb.Record()
-            record.ParseFromString(pending)
-            records.append(record)
-            pending = b""
-    return records
 
 
 @pytest.fixture(scope="module")

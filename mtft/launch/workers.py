@@ -9,6 +9,7 @@ worker dies with the parent (PR_SET_PDEATHSIG, see mtft.launch.worker), so no wo
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -19,6 +20,7 @@ from omegaconf import OmegaConf
 
 from mtft.core.errors import Interrupted, MtftError
 from mtft.core.rundir import CHECKPOINTS, LAUNCH_CONFIG
+from mtft.loggers.context import HYDRA_CONTEXT_ENV, hydra_context
 from mtft.recipe.config import TrainConfig
 
 log = logging.getLogger("mtft")
@@ -61,6 +63,7 @@ def launch_workers(cfg: TrainConfig, resolved_yaml: str, run_dir: Path) -> None:
         dist.nnodes,
         run_dir,
     )
+    os.environ[HYDRA_CONTEXT_ENV] = json.dumps(hydra_context())  # the workers name their W&B run
     try:
         elastic_launch(launch, sys.executable)(
             "-m", "mtft.launch.worker", str(config_path), str(run_dir), str(os.getpid())

@@ -8,6 +8,8 @@ Hydra. The config a logger publishes never holds secrets: keys that name one (`a
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import re
 from dataclasses import dataclass, field
 from enum import Enum
@@ -59,19 +61,35 @@ class RunContext:
     balancer: str | None = None  # the balancer's name (cfg.balancer.name), whatever the config group
 
 
-def run_context(cfg: Any, run_dir: Path) -> RunContext:
-    """Collect the run's config and Hydra choices; works outside Hydra too (no choices then)."""
-    config = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
-    balancer = (config.get("balancer") or {}).get("name")
-    ctx = RunContext(run_dir=run_dir, config=redact(config), balancer=balancer and str(balancer))
+# The Hydra job's place in its sweep, for processes that run without Hydra: the workers of
+# `distributed.nproc_per_node=N` get it from their parent (mtft.launch.workers) in this variable.
+HYDRA_CONTEXT_ENV = "MTFT_HYDRA_CONTEXT"
+
+
+def hydra_context() -> dict[str, Any]:
+    """`{"choices": {group: option}, "sweep_dir": str | None}` of the Hydra job this process runs
+    (or was started by); empty outside Hydra."""
     if not HydraConfig.initialized():
-        return ctx
+        return json.loads(os.environ.get(HYDRA_CONTEXT_ENV, "{}"))
     hydra_cfg = HydraConfig.get()
-    ctx.choices = {
+    choices = {
         str(k): ",".join(map(str, v)) if isinstance(v, list | tuple | ListConfig) else str(v)
         for k, v in hydra_cfg.runtime.choices.items()
         if v is not None and not str(k).startswith("hydra/")
     }
-    if hydra_cfg.mode == RunMode.MULTIRUN:
-        ctx.sweep_dir = str(hydra_cfg.sweep.dir)
-    return ctx
+    sweep_dir = str(hydra_cfg.sweep.dir) if hydra_cfg.mode == RunMode.MULTIRUN else None
+    return {"choices": choices, "sweep_dir": sweep_dir}
+
+
+def run_context(cfg: Any, run_dir: Path) -> RunContext:
+    """Collect the run's config and its Hydra choices and sweep (none outside Hydra)."""
+    config = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
+    balancer = (config.get("balancer") or {}).get("name")
+    hydra = hydra_context()
+    return RunContext(
+        run_dir=run_dir,
+        config=redact(config),
+        choices=hydra.get("choices", {}),
+        sweep_dir=hydra.get("sweep_dir"),
+        balancer=balancer and str(balancer),
+    )
