@@ -47,6 +47,23 @@ sys.argv = ["mtft", *args]
 sys.exit(main())
 """
 
+# Runs mtft with the final model save stalled for a few seconds once it has begun, so a signal
+# arrives in the middle of it.
+STALL_IN_FINAL_SAVE = """
+import pathlib, sys, time
+import mtft.engine.backend as backend
+from mtft.cli import main
+marker, args = pathlib.Path(sys.argv[1]), sys.argv[2:]
+save = backend.save_pretrained
+def stalled(module, directory):
+    marker.write_text("saving")
+    time.sleep(3)
+    save(module, directory)
+backend.save_pretrained = stalled
+sys.argv = ["mtft", *args]
+sys.exit(main())
+"""
+
 
 def comparable(run_dir: Path) -> list[dict]:
     return [{k: v for k, v in row.items() if k not in TIMING} for row in read_metrics(run_dir)]
@@ -135,6 +152,24 @@ def test_sigterm_saves_a_checkpoint_and_exits_resumable(run_mtft, mtft_env, refe
     assert len(saved) == 1 and saved[0].startswith("step-")
     run_mtft(*args, "trainer.resume=auto")
     assert_same_run(run_dir, reference / "coba")
+
+
+@pytest.mark.slow
+def test_sigterm_during_the_final_save_finishes_it_and_exits_resumable(
+    run_mtft, mtft_env, reference, tmp_path
+):
+    run_dir, marker = tmp_path / "run", tmp_path / "in-final-save"
+    args = ["train", *BALANCERS["uniform"], *ARGS, f"hydra.run.dir={run_dir}"]
+    proc = spawn(mtft_env, str(marker), *args, code=STALL_IN_FINAL_SAVE)
+    wait_for(marker.exists, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err
+    assert "SIGTERM received: finishing the final save, then stopping" in err
+    assert "stopped at step 6" in err and "trainer.resume=auto" in err
+    assert_same_run(run_dir, reference / "uniform")  # the save was finished, not torn
+    run_mtft(*args, "trainer.resume=auto")  # nothing left to train: saves again and ends
+    assert_same_run(run_dir, reference / "uniform")
 
 
 @pytest.mark.slow

@@ -95,17 +95,16 @@ class StopSignal:
     """SIGTERM/SIGINT/SIGUSR2 handler: the first signal asks the loop to checkpoint and stop after the
     current step; a second one stops at once (KeyboardInterrupt)."""
 
-    def __init__(self) -> None:
+    def __init__(self, finishing: str = "finishing step, saving a checkpoint") -> None:
         self.signum: int | None = None
+        self.finishing = finishing  # what is done before stopping, for the message
         self._previous: dict[int, Any] = {}
 
     def __call__(self, signum: int, frame: Any) -> None:
         if self.signum is not None:
             raise KeyboardInterrupt
         self.signum = signum
-        log.warning(
-            "%s received: finishing step, saving a checkpoint, then stopping", signal.Signals(signum).name
-        )
+        log.warning("%s received: %s, then stopping", signal.Signals(signum).name, self.finishing)
 
     def __enter__(self) -> StopSignal:
         if threading.current_thread() is threading.main_thread():

@@ -11,9 +11,11 @@ import transformers
 from transformers import set_seed
 
 from mtft.core.dist import barrier, device_for_rank, rank, rank_zero_first
-from mtft.core.rundir import MODEL, RunSetup, Summary
+from mtft.core.errors import Interrupted
+from mtft.core.rundir import CHECKPOINTS, MODEL, RunSetup, Summary
 from mtft.data.sampler import sequence_lengths
-from mtft.engine.loop import TrainResult, peak_rss_mb
+from mtft.engine.checkpoint import checkpoint_dirs
+from mtft.engine.loop import StopSignal, TrainResult, peak_rss_mb
 from mtft.loggers.console import print_final_table
 from mtft.models.adapters import count_parameters
 from mtft.recipe.builders import (
@@ -62,14 +64,21 @@ def train(cfg: TrainConfig, run_dir: Path, resume_from: Path | None) -> Summary:
     finally:
         tracker.close()
 
-    if cfg.trainer.save_model:
-        backend.save_pretrained(run_dir / MODEL)
+    # A signal now (a scheduler's time limit, Ctrl-C) lets the final save finish, then stops the run
+    # as during training: exit 75, and a resume from the final checkpoint has only this left to do.
+    with StopSignal(finishing="finishing the final save") as stop:
+        if cfg.trainer.save_model:
+            backend.save_pretrained(run_dir / MODEL)
+            if rank() == 0:
+                data.tokenizer.save_pretrained(run_dir / MODEL)
+        summary = summarize(
+            result, data.tasks, cfg.balancer.name, cfg.seed, time.perf_counter() - start, setup
+        )
         if rank() == 0:
-            data.tokenizer.save_pretrained(run_dir / MODEL)
-    summary = summarize(result, data.tasks, cfg.balancer.name, cfg.seed, time.perf_counter() - start, setup)
-    if rank() == 0:
-        summary.write(run_dir)
-        print_final_table(summary, run_dir)
+            summary.write(run_dir)
+            print_final_table(summary, run_dir)
+    if stop.signum is not None:
+        raise Interrupted(result.steps, str(checkpoint_dirs(run_dir / CHECKPOINTS)[-1]))
     return summary
 
 
