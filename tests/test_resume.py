@@ -335,3 +335,25 @@ def test_killing_the_parent_of_workers_kills_the_workers(mtft_env, tmp_path):
     proc.wait()
     _, alive = psutil.wait_procs(workers, timeout=30)
     assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+
+
+@pytest.mark.slow
+def test_a_worker_killed_by_a_signal_is_its_own_exit_code(mtft_env, tmp_path):
+    """kill -9 of one worker (what the out-of-memory killer does): the job exits 128 + 9 and names the
+    rank, distinct from bad input (2) and a resumable stop (75)."""
+    import psutil
+
+    run_dir = tmp_path / "run"
+    args = [*ARGS, "trainer.max_steps=1000", "distributed.nproc_per_node=2", f"hydra.run.dir={run_dir}"]
+    proc = spawn(mtft_env, "train", *args)
+    wait_for(trained_to(run_dir, 3), proc)
+    (worker,) = [
+        p
+        for p in psutil.Process(proc.pid).children(recursive=True)
+        if "mtft.launch.worker" in " ".join(p.cmdline()) and p.environ().get("RANK") == "1"
+    ]
+    worker.send_signal(signal.SIGKILL)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 128 + signal.SIGKILL, err
+    assert "error: worker rank 1 was killed by SIGKILL (out of memory?" in err
+    assert "step-00000002 (trainer.resume=auto)" in err

@@ -1,4 +1,6 @@
-"""The one exception type users see as a message rather than a stack trace."""
+"""The exceptions users see as a message rather than a stack trace, and their exit codes."""
+
+import signal
 
 
 class MtftError(Exception):
@@ -13,6 +15,18 @@ class Interrupted(Exception):
     def __init__(self, step: int, checkpoint: str) -> None:
         super().__init__(f"stopped at step {step}; checkpoint saved to {checkpoint}")
         self.step, self.checkpoint = step, checkpoint
+
+
+class WorkerKilled(Exception):
+    """A worker of a multi-process job was killed by a signal (the kernel's out-of-memory killer's
+    SIGKILL, an operator's kill): the job exits 128 + the signal's number, as a shell reports a
+    process killed by it, and says which rank it was."""
+
+    def __init__(self, rank: int, signum: int, resume_hint: str) -> None:
+        name = signal.Signals(signum).name
+        why = " (out of memory? the kernel's OOM killer sends it)" if signum == signal.SIGKILL else ""
+        super().__init__(f"worker rank {rank} was killed by {name}{why}; {resume_hint}")
+        self.exit_code = 128 + signum
 
 
 def config_error_message(error: BaseException) -> str:

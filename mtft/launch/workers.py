@@ -12,13 +12,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 import uuid
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from mtft.core.errors import Interrupted, MtftError
+from mtft.core.errors import Interrupted, MtftError, WorkerKilled
 from mtft.core.rundir import CHECKPOINTS, LAUNCH_CONFIG
 from mtft.loggers.context import HYDRA_CONTEXT_ENV, hydra_context
 from mtft.recipe.config import TrainConfig
@@ -80,6 +81,18 @@ def launch_workers(cfg: TrainConfig, resolved_yaml: str, run_dir: Path) -> None:
         saved = checkpoint_dirs(run_dir / CHECKPOINTS)
         if codes == {Interrupted.exit_code} and saved:
             raise Interrupted(int(saved[-1].name.removeprefix("step-")), str(saved[-1])) from None
+        # Killed by a signal; SIGTERM is what the agent stops the survivors with after the cause.
+        killed = sorted(
+            (-f.exitcode == signal.SIGTERM, f.timestamp, rank, -f.exitcode)
+            for rank, f in e.failures.items()
+            if f.exitcode < 0
+        )
+        if killed:
+            _, _, rank, signum = killed[0]
+            hint = (
+                f"the last checkpoint is {saved[-1]} (trainer.resume=auto)" if saved else "no checkpoint yet"
+            )
+            raise WorkerKilled(rank, signum, hint) from None
         raise MtftError(
             f"worker process(es) failed with exit code(s) {sorted(codes)}; see their messages above"
         ) from None
