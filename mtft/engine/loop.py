@@ -31,7 +31,7 @@ from mtft.engine.backend import Backend
 from mtft.engine.checkpoint import Checkpointer, RngState
 from mtft.engine.config import TrainerConfig
 from mtft.engine.evaluation import fixed_eval_rows, random_eval_rows, task_losses
-from mtft.engine.loss import per_task_token_loss
+from mtft.engine.forward import task_token_loss
 from mtft.loggers.base import Row, Tracker
 
 log = logging.getLogger("mtft")
@@ -187,8 +187,7 @@ class Trainer:
         """Per-task losses of one micro-batch, reduced over ranks so every rank sees the same values."""
         batch = {k: v.to(self.device) for k, v in batch.items()}
         with self.autocast():
-            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        sums, counts = per_task_token_loss(logits, batch["labels"], batch["task_ids"], len(self.tasks))
+            sums, counts = task_token_loss(self.model, batch, len(self.tasks))
         global_sums, global_counts = all_reduce_sum(sums), all_reduce_sum(counts)
         denom = global_counts.clamp_min(1)
         losses = TaskLosses(local=sums / denom, mean=global_sums / denom, present=global_counts > 0)
