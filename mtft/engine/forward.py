@@ -16,10 +16,12 @@ a transformers without boolean `logits_to_keep`) takes the full forward: same lo
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from mtft.engine.loss import scored_positions, scored_token_loss
 
@@ -72,3 +74,37 @@ def _boolean_logits_to_keep() -> bool:
     except (TypeError, IndexError, RuntimeError):
         return False
     return kept.shape == (1, 2) and kept.tolist() == [[2.0, 3.0]]
+
+
+def task_token_loss_by_task(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], num_tasks: int
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor | None] | None]:
+    """`task_token_loss` with each task's rows in a forward of their own (`Balancer.per_task_rows`).
+
+    Returns the same sums and counts, and `parts`: task i's sum as an autograd root of its own, whose
+    graph covers task i's rows alone (None if the batch has none). `autograd.grad` of a part costs in
+    proportion to that task's rows, so the gradients of all tasks together cost one backward of the
+    batch whatever the number of tasks (the stacked `sums` would drag every task's graph along). Under
+    DDP only the last forward prepares the gradient all-reduce (DDP allows one per backward). Rows that
+    hold several tasks (per-token task ids) cannot be split by row: they take the one-forward path and
+    `parts` is None.
+    """
+    task_ids = batch["task_ids"]
+    if task_ids.dim() != 1:
+        return (*task_token_loss(model, batch, num_tasks), None)
+    present = task_ids.unique().tolist()
+    parts: list[torch.Tensor | None] = [None] * num_tasks
+    counts = torch.zeros(num_tasks, device=task_ids.device)
+    for k, task in enumerate(present):
+        rows = task_ids == task
+        length = int(batch["attention_mask"][rows].sum(1).max())  # right padding: trim to the part's longest
+        part = {
+            key: value[rows][:, :length] if value.dim() == 2 else value[rows] for key, value in batch.items()
+        }
+        ddp_defer = isinstance(model, DistributedDataParallel) and k < len(present) - 1
+        with model.no_sync() if ddp_defer else contextlib.nullcontext():
+            s, c = task_token_loss(model, part, num_tasks)
+        parts[task] = s[task]
+        counts += c
+    zero = counts.new_zeros(())
+    return torch.stack([zero if p is None else p for p in parts]), counts, parts
