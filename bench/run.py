@@ -86,6 +86,8 @@ def run_all(mode_name: str, out_dir: Path, log: Callable[[str], None] = print) -
         results["overhead"]["accum"] = overhead.run_accum(
             setup, mode.accum, mode.oh_reps, max(4, mode.oh_steps // 2), mode.oh_warmup, log
         )
+    log("lean LM head vs full, paired batch by batch")
+    results["overhead"]["lean"] = overhead.run_lean(setup, mode.oh_reps + 1, max(4, mode.oh_steps // 2))
     results["overhead"]["rss"] = {}
     for T in mode.rss_tasks:
         log(f"peak RSS at T={T}")
@@ -254,6 +256,16 @@ def render(results: dict[str, Any]) -> dict[str, str]:
             "",
             f"With `trainer.grad_accum={a['grad_accum']}` (T=4): uniform {a['uniform']['median_step_s'] * 1000:.0f} ms, "
             f"coba {a['coba']['median_step_s'] * 1000:.0f} ms per step: coba / uniform = **{_x(a['coba']['ratio'])}**.",
+        ]
+    if "lean" in oh:
+        ln = oh["lean"]
+        rows += [
+            "",
+            f"Lean LM head (logits only at scored positions) against the full head, paired batch by batch "
+            f"({ln['reps']} x {ln['batches']} micro-batches): training forward+backward "
+            f"**{_x(ln['train_lean/full'])}**, CoBa's probe (no-grad forward of a validation micro-batch) "
+            f"**{_x(ln['probe_lean/full'])}**. The probe costs {_x(ln['probe/train_lean'])} of a training "
+            f"forward+backward with the lean head ({_x(ln['probe/train_full'])} with the full one).",
         ]
     if oh.get("rss"):
         rows += [
