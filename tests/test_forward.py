@@ -1,11 +1,15 @@
 """The lean forward (LM head only at scored positions) gives the full forward's per-task losses and
 gradients, on every architecture it is enabled for, under LoRA, and falls back where it is not."""
 
+from contextlib import nullcontext
+from types import SimpleNamespace
+
 import pytest
 import torch
 from peft import LoraConfig, PrefixTuningConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from mtft.data.collator import TaskCollator
 from mtft.engine.evaluation import task_losses
 from mtft.engine.forward import LEAN_MODEL_TYPES, supports_lean_head, task_token_loss
 from mtft.engine.loss import scored_positions
@@ -112,18 +116,11 @@ def test_evaluation_uses_the_lean_forward_with_the_full_losses():
             batch["input_ids"], batch["labels"], batch["attention_mask"], batch["task_ids"], strict=True
         )
     ]
-
-    class Data:
-        tasks = [f"t{i}" for i in range(TASKS)]
-        validation = type("V", (), {"__getitems__": staticmethod(lambda idx: [rows[i] for i in idx])})
-
-    from contextlib import nullcontext
-
-    from mtft.data.collator import TaskCollator
-
+    validation = SimpleNamespace(__getitems__=lambda idx: [rows[i] for i in idx])
+    data = SimpleNamespace(tasks=[f"t{i}" for i in range(TASKS)], validation=validation)
     model = tiny("llama")
     means, present = task_losses(
-        model, Data(), list(range(len(rows))), TaskCollator(0), 4, torch.device("cpu"), nullcontext
+        model, data, list(range(len(rows))), TaskCollator(0), 4, torch.device("cpu"), nullcontext
     )
     with torch.no_grad():
         sums, counts = task_token_loss(model, batch, TASKS, lean=False)
