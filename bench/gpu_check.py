@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import ROOT, median
+from mtft.core.rundir import CHECKPOINTS, METRICS, MODEL, SUMMARY
 
 # Peak dense bf16 tensor-core FLOP/s (vendor datasheets, without sparsity), matched on the device name.
 PEAK_BF16 = {
@@ -195,13 +196,13 @@ def command(case: Case, args: Args, model_dir: Path, run_dir: Path) -> list[str]
 
 def read_run(run_dir: Path) -> dict[str, Any]:
     """Per-step times and tokens of the timed steps, tokens/s, and the peak GPU memory, from the run dir."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    rows = [json.loads(line) for line in (run_dir / METRICS).read_text().splitlines() if line]
     steps = [
         r for r in rows if r.get("split") == "train" and r.get("task") == "all" and r.get("tokens_per_s")
     ]
     timed = [r for r in steps if r["step"] > TIMED_FROM]
     seconds = [r["tokens"] / r["tokens_per_s"] for r in timed]
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = json.loads((run_dir / SUMMARY).read_text())
     return {
         "step_s": seconds,
         "tokens_per_s": sum(r["tokens"] for r in timed) / sum(seconds),
@@ -233,7 +234,10 @@ def run_case(case: Case, args: Args, model_dir: Path) -> dict[str, Any]:
     if proc.returncode != 0:
         last = [line for line in log.read_text().splitlines() if line.strip()][-1:] or ["(no output)"]
         return {"status": f"failed (exit {proc.returncode}): {last[0][:200]}"}
-    return {"status": "ok", "wall_s": wall, **read_run(run_dir)}
+    result = {"status": "ok", "wall_s": wall, **read_run(run_dir)}
+    for heavy in (CHECKPOINTS, MODEL):  # ~6 GB per case at 0.5B (weights, AdamW states): disk is finite
+        shutil.rmtree(run_dir / heavy, ignore_errors=True)
+    return result
 
 
 def mfu(tokens_per_s: float, params: int, peak: float | None) -> float | None:

@@ -87,4 +87,6 @@ def test_cpu_mode_trains_a_tiny_case_and_rewrites_the_gpu_section(mtft_env, tmp_
     assert padded["status"] == "ok" and padded["tokens_per_s"] > 0 and len(padded["step_s"]) == 1
     config = json.loads((out / "qwen2-tiny" / "config.json").read_text())
     assert config["model_type"] == "qwen2"
-    assert (out / "runs" / "padded" / "summary.json").is_file()  # a real `mtft train` run dir
+    run_dir = out / "runs" / "padded"
+    assert (run_dir / "summary.json").is_file() and (run_dir / "metrics.jsonl").is_file()  # a real run dir
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "model").exists()  # freed after reading
