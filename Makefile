@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.mtft-installed
 TORCH  := torch==2.13.0
 
-.PHONY: setup demo test test-fast lint clean bench bench-full
+.PHONY: setup demo test test-fast lint clean bench bench-full gpu-check
 
 setup: $(STAMP)
 
@@ -39,6 +39,11 @@ bench: setup
 
 bench-full: setup
 	$(BIN)/python -m bench.run --mode full
+
+# On a machine with a CUDA GPU (and a CUDA build of torch in the venv): ~0.5B model, 5-8 minutes;
+# rewrites the GPU section of BENCHMARKS.md. GPU_CHECK_ARGS="--cases padded,packed" runs some cases.
+gpu-check: setup
+	PYTHON=$(BIN)/python bench/gpu_check.sh $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache bench/results

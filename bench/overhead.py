@@ -14,15 +14,18 @@ import json
 import resource
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import psutil
+import torch
 
 from bench.common import ROOT, Setup, median, quiet, run_mtft
 from mtft.data.mixture import TokenizedMixture
+from mtft.engine.forward import task_token_loss
 
 BALANCERS = ("uniform", "coba", "famo", "gradnorm")
 
@@ -107,6 +110,55 @@ def run_accum(
                 f"  grad_accum={grad_accum} rep {rep + 1}/{reps} {name:8s} median step {t.median_step_s * 1000:6.1f} ms"
             )
     return {"grad_accum": grad_accum, **{n: _summarize(times[n], times["uniform"]) for n in times}}
+
+
+def run_lean(setup: Setup, reps: int, batches: int) -> dict[str, float]:
+    """The lean LM head (only scored positions) against the full one, paired batch by batch in one
+    process: training forward+backward on training batches, and the no-grad forward of validation
+    batches (what CoBa's probe and the evaluation run); and the probe's no-grad forward as a fraction
+    of a training forward+backward (what CoBa adds per step at grad_accum=1, before the optimizer)."""
+    model, collate = setup.model(), setup.collator()
+    rows = torch.randint(len(setup.data.validation), (batches, setup.cfg.trainer.batch_size))
+    train_batches = [
+        collate(setup.data.train.__getitems__(b))
+        for b, _ in zip(setup.sampler(), range(batches), strict=False)
+    ]
+    val_batches = [collate(setup.data.validation.__getitems__(r.tolist())) for r in rows]
+    T = len(setup.data.tasks)
+
+    def timed(fn: Callable[[], Any]) -> float:
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    def train(batch: dict[str, torch.Tensor], lean: bool) -> None:
+        sums, counts = task_token_loss(model, batch, T, lean=lean)
+        (sums.sum() / counts.sum()).backward()
+        model.zero_grad(set_to_none=True)
+
+    def probe(batch: dict[str, torch.Tensor], lean: bool) -> None:
+        with torch.no_grad():
+            task_token_loss(model, batch, T, lean=lean)
+
+    times: dict[str, list[float]] = {k: [] for k in ("train_lean", "train_full", "probe_lean", "probe_full")}
+    for rep in range(reps):
+        for tb, vb in zip(train_batches, val_batches, strict=True):
+            for lean in (True, False) if rep % 2 == 0 else (False, True):
+                kind = "lean" if lean else "full"
+                times[f"train_{kind}"].append(timed(lambda tb=tb, lean=lean: train(tb, lean)))
+                times[f"probe_{kind}"].append(timed(lambda vb=vb, lean=lean: probe(vb, lean)))
+
+    def ratio(a: str, b: str) -> float:
+        return median([x / y for x, y in zip(times[a], times[b], strict=True)])
+
+    return {
+        "reps": reps,
+        "batches": batches,
+        "train_lean/full": ratio("train_lean", "train_full"),
+        "probe_lean/full": ratio("probe_lean", "probe_full"),
+        "probe/train_lean": ratio("probe_lean", "train_lean"),
+        "probe/train_full": ratio("probe_full", "train_full"),
+    }
 
 
 def _summarize(steps: list[list[float]], uniform: list[list[float]]) -> dict[str, float]:

@@ -86,6 +86,8 @@ def run_all(mode_name: str, out_dir: Path, log: Callable[[str], None] = print) -
         results["overhead"]["accum"] = overhead.run_accum(
             setup, mode.accum, mode.oh_reps, max(4, mode.oh_steps // 2), mode.oh_warmup, log
         )
+    log("lean LM head vs full, paired batch by batch")
+    results["overhead"]["lean"] = overhead.run_lean(setup, mode.oh_reps + 1, max(4, mode.oh_steps // 2))
     results["overhead"]["rss"] = {}
     for T in mode.rss_tasks:
         log(f"peak RSS at T={T}")
@@ -255,6 +257,16 @@ def render(results: dict[str, Any]) -> dict[str, str]:
             f"With `trainer.grad_accum={a['grad_accum']}` (T=4): uniform {a['uniform']['median_step_s'] * 1000:.0f} ms, "
             f"coba {a['coba']['median_step_s'] * 1000:.0f} ms per step: coba / uniform = **{_x(a['coba']['ratio'])}**.",
         ]
+    if "lean" in oh:
+        ln = oh["lean"]
+        rows += [
+            "",
+            f"Lean LM head (logits only at scored positions) against the full head, paired batch by batch "
+            f"({ln['reps']} x {ln['batches']} micro-batches): training forward+backward "
+            f"**{_x(ln['train_lean/full'])}**, CoBa's probe (no-grad forward of a validation micro-batch) "
+            f"**{_x(ln['probe_lean/full'])}**. The probe costs {_x(ln['probe/train_lean'])} of a training "
+            f"forward+backward with the lean head ({_x(ln['probe/train_full'])} with the full one).",
+        ]
     if oh.get("rss"):
         rows += [
             "",
@@ -323,6 +335,7 @@ def render_targets(results: dict[str, Any]) -> str:
     oh = results["overhead"]["by_tasks"]
     T4 = oh.get("4") or next(iter(oh.values()))
     Ts = list(oh)
+    Tmax = max(Ts, key=int)
 
     def status(ok: bool) -> str:
         return "met" if ok else "**missed**"
@@ -333,10 +346,10 @@ def render_targets(results: dict[str, Any]) -> str:
         "|---|---:|---|",
         f"| mtft ≥ 0.9x bare PyTorch loop (tokens/s) | {_x(r['mtft/bare'])} | {status(r['mtft/bare'] >= 0.9)} |",
         f"| mtft ≥ 1.0x Hugging Face Trainer | {_x(r['mtft/hf'])} | {status(r['mtft/hf'] >= 1.0)} |",
-        f"| CoBa ≤ 1.15x uniform step time (defaults, T=4) | {_x(T4['coba']['ratio'])} | {status(T4['coba']['ratio'] <= 1.15)} |",
+        f"| CoBa ≤ 1.05x uniform step time (defaults, T=4, grad_accum=1) | {_x(T4['coba']['ratio'])} | {status(T4['coba']['ratio'] <= 1.05)} |",
         f"| FAMO ≤ 1.05x uniform step time (defaults, T=4) | {_x(T4['famo']['ratio'])} | {status(T4['famo']['ratio'] <= 1.05)} |",
-        f"| GradNorm growth with T shown, kept small | {gn} | shown; "
-        f"{'small' if max(oh[T]['gradnorm']['ratio'] for T in Ts) <= 1.5 else '**not small** (see below)'} |",
+        f"| GradNorm ≤ 1.6x uniform step time at T={Tmax} (growth with T shown) | {gn} | "
+        f"{status(oh[Tmax]['gradnorm']['ratio'] <= 1.6)} |",
     ]
     if "data" in results:
         d = results["data"]

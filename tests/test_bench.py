@@ -56,6 +56,8 @@ def test_throughput_and_overhead_run_and_render(setup: Setup, tmp_path: Path):
     by = oh["by_tasks"]["4"]
     assert set(by) == set(overhead.BALANCERS) and by["uniform"]["ratio"] == 1.0
     assert all(by[b]["median_step_s"] > 0 for b in overhead.BALANCERS)
+    oh["lean"] = overhead.run_lean(setup, reps=1, batches=1)
+    assert all(math.isfinite(v) and v > 0 for k, v in oh["lean"].items() if "/" in k)
 
     results = {
         "mode": "smoke",
@@ -86,7 +88,7 @@ def test_throughput_and_overhead_run_and_render(setup: Setup, tmp_path: Path):
     run.rewrite(md, run.render(results))
     text = md.read_text()
     assert "old table" not in text and "prose kept" in text and "more prose" in text
-    assert "| mtft |" in text and "padding waste" in text and "| 4 |" in text
+    assert "| mtft |" in text and "padding waste" in text and "| 4 |" in text and "Lean LM head" in text
     assert text.count("<!-- bench:throughput -->") == 1 and "<!-- bench:targets -->" in text
     run.rewrite(md, run.render(results))
     assert md.read_text() == text  # idempotent: a second run replaces the same blocks

@@ -433,3 +433,41 @@ def test_distributed_ranks_agree_with_one_process(tmp_path):
     for key, value in bal.diagnostics().items():
         assert diags[0][key] == pytest.approx(value, rel=1e-4), key
     assert not torch.equal(bal.weights(), torch.ones(2))
+
+
+def test_per_task_row_forwards_give_the_whole_batch_gradient_norms():
+    """`per_task_rows`: each task's gradient on W taken over its own rows (its own forward) equals the
+    whole-batch one, since task i's loss does not depend on other rows; so do the loss and the model
+    gradient of the combined loss. Only the cost differs."""
+    from mtft.engine.forward import task_token_loss, task_token_loss_by_task
+    from tests.test_forward import TASKS as T
+    from tests.test_forward import VOCAB, tiny
+    from tests.test_loss import random_batch
+
+    _, batch = random_batch(seed=5, vocab=VOCAB)
+    model = tiny("llama")
+    assert GradNorm.per_task_rows
+
+    def run(split: bool) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        balancer = GradNorm([f"t{i}" for i in range(T)])
+        balancer.setup(model)
+        model.zero_grad(set_to_none=True)
+        if split:
+            sums, counts, parts = task_token_loss_by_task(model, batch, T)
+        else:
+            (sums, counts), parts = task_token_loss(model, batch, T), None
+        denom = counts.clamp_min(1)
+        losses = TaskLosses(local=sums / denom, mean=(sums / denom).detach(), present=counts > 0)
+        if parts is not None:
+            assert parts[T - 1] is None  # the absent task has no graph at all
+            losses.separate = [None if p is None else p / denom[i] for i, p in enumerate(parts)]
+        balancer.combine(losses).backward()
+        return balancer._acc, sums.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    acc_split, sums_split, grads_split = run(True)
+    acc_whole, sums_whole, grads_whole = run(False)
+    assert acc_whole[:3].norm(dim=1).min() > 0 and acc_whole[3].abs().max() == 0
+    torch.testing.assert_close(acc_split, acc_whole, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(sums_split, sums_whole, rtol=1e-5, atol=1e-5)
+    for name, grad in grads_whole.items():
+        torch.testing.assert_close(grads_split[name], grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -46,6 +46,9 @@ class TaskLosses:
     local: torch.Tensor
     mean: torch.Tensor
     present: torch.Tensor
+    # With `Balancer.per_task_rows`: task i's `local` as an autograd root of its own, over its rows
+    # alone (None where this rank has none), for per-task gradients that do not cost the whole batch.
+    separate: list[torch.Tensor | None] | None = None
 
     @classmethod
     def from_values(cls, values: Sequence[float], present: Sequence[bool] | None = None) -> TaskLosses:
@@ -62,6 +65,9 @@ class Balancer(ABC):
     val_batches: int = 1
     recompute_after_step: bool = False
     needs_parameters: bool = False  # takes gradients of whole model parameters (not with ZeRO-3)
+    # Each task's rows in a forward of their own (same losses and model gradient), handed over as
+    # `TaskLosses.separate`: per-task gradients then cost each task's rows, not the whole batch each.
+    per_task_rows: bool = False
 
     # The dataclass of the balancer's options (its YAML's schema); the constructor takes its fields.
     config_class: ClassVar[type]

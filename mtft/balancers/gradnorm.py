@@ -26,6 +26,10 @@ How it meets the trainer:
 
 Cost: one `autograd.grad` per present task per micro-batch, back to `W` only (the LM head, final norm
 and the last block), plus `T x |W|` float32 of accumulator memory and one all-reduce of it per step.
+`per_task_rows` makes the trainer run each task's rows in a forward of their own and hand over each
+task's loss as a separate autograd root (`TaskLosses.separate`): task i's loss depends on its rows
+only, so its gradient is the same, but its `autograd.grad` now runs over its rows instead of the
+whole batch, and all of them together cost about one backward of the batch, whatever T.
 """
 
 from __future__ import annotations
@@ -106,6 +110,7 @@ class GradNorm(Balancer):
     """Learnable task weights trained to match gradient norms on `W` to `G_bar * r_i^alpha`."""
 
     needs_parameters = True
+    per_task_rows = True
 
     config_class = GradNormBalancerConfig
 
@@ -168,9 +173,10 @@ class GradNorm(Balancer):
         present = losses.present.detach().bool().cpu()
         for i in present.nonzero().flatten().tolist():
             self._count[i] += 1
-            if not losses.local[i].requires_grad:  # this rank holds no tokens of task i: zero gradient
+            loss = losses.local[i] if losses.separate is None else losses.separate[i]
+            if loss is None or not loss.requires_grad:  # this rank holds no tokens of task i: zero gradient
                 continue
-            grads = torch.autograd.grad(losses.local[i], shared, retain_graph=True, allow_unused=True)
+            grads = torch.autograd.grad(loss, shared, retain_graph=True, allow_unused=True)
             flat = torch.cat(
                 [
                     (g if g is not None else torch.zeros_like(p)).reshape(-1).to(self._acc)

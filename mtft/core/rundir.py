@@ -68,6 +68,7 @@ class Summary:
     wall_s: float
     peak_rss_mb: float
     skipped_steps: int = 0
+    peak_gpu_memory_mb: float | None = None  # torch.cuda.max_memory_allocated on this rank's GPU
     stopped_early: bool = False
     setup: RunSetup | None = None
 

@@ -9,7 +9,7 @@ import torch
 
 from mtft.core.dist import all_reduce_sum
 from mtft.data.mixture import TokenizedMixture
-from mtft.engine.loss import per_task_token_loss
+from mtft.engine.forward import task_token_loss
 
 
 def fixed_eval_rows(data: TokenizedMixture, per_task: int) -> list[int]:
@@ -47,8 +47,7 @@ def task_losses(
     for chunk in _batches(rows, batch_size):
         batch = {k: v.to(device) for k, v in collate(data.validation.__getitems__(chunk)).items()}
         with autocast():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        s, c = per_task_token_loss(logits, batch["labels"], batch["task_ids"], num_tasks)
+            s, c = task_token_loss(model, batch, num_tasks)
         sums += s
         counts += c
     model.train(was_training)

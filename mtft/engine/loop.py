@@ -31,7 +31,7 @@ from mtft.engine.backend import Backend
 from mtft.engine.checkpoint import Checkpointer, RngState
 from mtft.engine.config import TrainerConfig
 from mtft.engine.evaluation import fixed_eval_rows, random_eval_rows, task_losses
-from mtft.engine.loss import per_task_token_loss
+from mtft.engine.forward import task_token_loss, task_token_loss_by_task
 from mtft.loggers.base import Row, Tracker
 
 log = logging.getLogger("mtft")
@@ -185,12 +185,17 @@ class Trainer:
     def _forward(self, batch: dict[str, torch.Tensor]) -> tuple[TaskLosses, torch.Tensor, torch.Tensor]:
         """Per-task losses of one micro-batch, reduced over ranks so every rank sees the same values."""
         batch = {k: v.to(self.device) for k, v in batch.items()}
+        parts = None
         with self.autocast():
-            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        sums, counts = per_task_token_loss(logits, batch["labels"], batch["task_ids"], len(self.tasks))
+            if self.balancer.per_task_rows:
+                sums, counts, parts = task_token_loss_by_task(self.model, batch, len(self.tasks))
+            else:
+                sums, counts = task_token_loss(self.model, batch, len(self.tasks))
         global_sums, global_counts = all_reduce_sum(sums), all_reduce_sum(counts)
         denom = global_counts.clamp_min(1)
         losses = TaskLosses(local=sums / denom, mean=global_sums / denom, present=global_counts > 0)
+        if parts is not None:
+            losses.separate = [None if p is None else p / denom[i] for i, p in enumerate(parts)]
         return losses, global_sums, global_counts
 
     def fit(self, resume_from: Path | None = None) -> TrainResult:

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import datasets
+import torch
 import transformers
 from transformers import set_seed
 
@@ -105,6 +106,7 @@ def summarize(
         train_tokens_per_s=result.tokens_per_s,
         wall_s=wall_s,
         peak_rss_mb=peak_rss_mb(),
+        peak_gpu_memory_mb=torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_initialized() else None,
         skipped_steps=result.skipped_steps,
         stopped_early=result.stopped_early,
         setup=setup,
