@@ -58,8 +58,12 @@ def _train(args: list[str]) -> int:
             raise
         # Before the task starts only Hydra runs, and some of its composition failures are bare
         # asserts (`+deepspeed.extra.x=1` while deepspeed=none): still the user's overrides.
-        known = isinstance(e, HydraException | OmegaConfBaseException)
-        message = config_error_message(e) if known else f"the overrides could not be applied: {e!r}"
+        if isinstance(e, HydraException | OmegaConfBaseException):
+            message = config_error_message(e)
+        elif isinstance(e, OSError):  # Hydra creating the run dir: a read-only or full file system
+            message = f"cannot create the run dir: {e.strerror}: {e.filename}"
+        else:
+            message = f"the overrides could not be applied: {e!r}"
         print(f"error: {message}", file=sys.stderr)
         return 2
     return 0

@@ -285,3 +285,57 @@ def test_nonfinite_guard_through_the_cli_with_the_console_sink(run_mtft, tmp_pat
     )
     skipped = [r for r in read_metrics(run_dir) if r["task"] == "all" and r.get("skipped")]
     assert [r["step"] for r in skipped] == [2, 3, 4] and all(r["loss"] is None for r in skipped)
+
+
+# --- a full disk and a read-only file system (small tmpfs mounts; they need root) -------------------
+
+SHORT_RUN = [
+    "trainer.max_steps=4",
+    "trainer.save_interval=2",
+    "trainer.eval_interval=2",
+    "trainer.eval_batches=1",
+]
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """mount(size, *options) -> a fresh tmpfs of that size; unmounted after the test."""
+    mounted = []
+
+    def mount(size: str, *options: str) -> Path:
+        where = tmp_path / f"fs{len(mounted)}"
+        where.mkdir()
+        opts = ",".join([f"size={size}", *options])
+        if subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(where)], capture_output=True
+        ).returncode:
+            pytest.skip("mounting a small tmpfs needs root with CAP_SYS_ADMIN")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", str(where)], check=True)
+
+
+@pytest.mark.slow
+def test_a_full_disk_says_so_in_one_line_and_the_run_resumes(run_mtft, small_fs):
+    """The step-2 checkpoint does not fit in 3 MB: exit 74 naming the file; with room made, the
+    same command plus trainer.resume=auto trains to the end."""
+    run_dir = small_fs("3m") / "run"
+    proc = run_mtft("train", *SHORT_RUN, f"hydra.run.dir={run_dir}", check=False)
+    assert proc.returncode == 74, proc.stderr[-2000:]
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+    assert line.startswith(f"error: No space left on device: {run_dir}/checkpoints/.tmp-step-00000002/")
+    assert "Traceback" not in proc.stderr
+    subprocess.run(["mount", "-o", "remount,size=64m", str(run_dir.parent)], check=True)
+    run_mtft("train", *SHORT_RUN, "trainer.resume=auto", f"hydra.run.dir={run_dir}")
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 4
+
+
+@pytest.mark.slow
+def test_a_read_only_file_system_says_so_in_one_line(run_mtft, small_fs):
+    fs = small_fs("1m", "ro")
+    proc = run_mtft("train", *SHORT_RUN, f"hydra.run.dir={fs}/run", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr == f"error: cannot create the run dir: Read-only file system: {fs}/run\n"

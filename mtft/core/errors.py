@@ -1,5 +1,8 @@
 """The exceptions users see as a message rather than a stack trace, and their exit codes."""
 
+from __future__ import annotations
+
+import errno
 import signal
 
 
@@ -27,6 +30,23 @@ class WorkerKilled(Exception):
         why = " (out of memory? the kernel's OOM killer sends it)" if signum == signal.SIGKILL else ""
         super().__init__(f"worker rank {rank} was killed by {name}{why}; {resume_hint}")
         self.exit_code = 128 + signum
+
+
+class StorageError(Exception):
+    """A file the run must write could not be: the disk or quota is full, the file system is
+    read-only, a path is not writable. Exit 74 (EX_IOERR); the checkpoints already published stay
+    usable, so the run continues from the last one once this is fixed."""
+
+    exit_code = 74
+    ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO})
+
+    @classmethod
+    def from_os_error(cls, error: OSError) -> StorageError | None:
+        """The one-line error for an OSError of this kind; None for any other OSError."""
+        if error.errno not in cls.ERRNOS:
+            return None
+        path = f": {error.filename}" if error.filename else ""
+        return cls(f"{error.strerror}{path} (once fixed, continue the run with trainer.resume=auto)")
 
 
 def config_error_message(error: BaseException) -> str:

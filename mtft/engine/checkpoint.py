@@ -26,7 +26,7 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, BinaryIO, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -131,10 +131,10 @@ class Checkpointer:
         barrier()
         for component in self._with_files():
             component.save_files(tmp)
-        torch.save(_states(self.per_rank), tmp / rank_state_file(rank()))
+        _torch_save(_states(self.per_rank), tmp / rank_state_file(rank()))
         barrier()
         if rank() == 0:
-            torch.save({"step": step, **_states(self.shared)}, tmp / SHARED_STATE)
+            _torch_save({"step": step, **_states(self.shared)}, tmp / SHARED_STATE)
             meta = {
                 "step": step,
                 "val_mean": val_mean,
@@ -181,6 +181,36 @@ def _fsync_dir(path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+class _WriteErrors:
+    """The file torch.save writes to, keeping the OSError of a failed write: torch turns it into a
+    RuntimeError ("unexpected pos ...") that does not say the disk is full."""
+
+    def __init__(self, fh: BinaryIO) -> None:
+        self.fh, self.error = fh, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.fh.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    """torch.save, except that a write the file system refuses (ENOSPC, ...) is that OSError."""
+    with path.open("wb") as fh:
+        file = _WriteErrors(fh)
+        try:
+            torch.save(obj, file)
+        except RuntimeError:
+            if file.error is None:
+                raise
+            raise OSError(file.error.errno, file.error.strerror, str(path)) from None
 
 
 def checkpoint_dirs(root: Path) -> list[Path]:

@@ -13,7 +13,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from mtft.core.errors import Interrupted, MtftError, WorkerKilled
+from mtft.core.errors import Interrupted, MtftError, StorageError, WorkerKilled
 from mtft.launch.claim import claim_run_dir, leave_run_dir, write_hydra_files
 from mtft.launch.process_group import join_process_group
 from mtft.recipe.config import TrainConfig, conf_dir, register_configs, to_typed
@@ -51,7 +51,13 @@ def main(cfg: DictConfig) -> None:
             leave_run_dir(run_dir)  # refused before the run began: the run dir gets nothing
         log.error("error: %s", e)
         sys.exit(2)
-    except WorkerKilled as e:
+    except OSError as e:
+        failed = StorageError.from_os_error(e)
+        if failed is None:
+            raise
+        log.error("error: %s", failed)
+        sys.exit(failed.exit_code)
+    except (StorageError, WorkerKilled) as e:
         log.error("error: %s", e)
         sys.exit(e.exit_code)
     except Interrupted as e:

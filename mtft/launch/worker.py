@@ -12,7 +12,7 @@ import signal
 import sys
 from pathlib import Path
 
-from mtft.core.errors import Interrupted, MtftError
+from mtft.core.errors import Interrupted, MtftError, StorageError
 from mtft.core.rundir import TRAIN_LOG
 
 log = logging.getLogger("mtft")
@@ -64,6 +64,12 @@ def main(argv: list[str]) -> int:
     except Interrupted as e:
         log.warning("%s", e)
         return Interrupted.exit_code
+    except OSError as e:
+        failed = StorageError.from_os_error(e)
+        if failed is None:
+            raise
+        log.error("error: %s", failed)
+        return failed.exit_code
     return 0
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from mtft.core.errors import Interrupted, MtftError, WorkerKilled
+from mtft.core.errors import Interrupted, MtftError, StorageError, WorkerKilled
 from mtft.core.rundir import CHECKPOINTS, LAUNCH_CONFIG
 from mtft.loggers.context import HYDRA_CONTEXT_ENV, hydra_context
 from mtft.recipe.config import TrainConfig
@@ -93,6 +93,8 @@ def launch_workers(cfg: TrainConfig, resolved_yaml: str, run_dir: Path) -> None:
                 f"the last checkpoint is {saved[-1]} (trainer.resume=auto)" if saved else "no checkpoint yet"
             )
             raise WorkerKilled(rank, signum, hint) from None
+        if StorageError.exit_code in codes:
+            raise StorageError("a worker could not write a file; see its message above") from None
         raise MtftError(
             f"worker process(es) failed with exit code(s) {sorted(codes)}; see their messages above"
         ) from None
