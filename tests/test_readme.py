@@ -219,3 +219,58 @@ def test_links_point_into_the_repo(path):
         assert ROOT in linked.parents or linked == ROOT, f"{path.name} links outside the repository: {target}"
         if anchor and linked.suffix == ".md":
             assert anchor in anchors(linked), f"{path.name} links to a missing heading: {target}"
+
+
+# --- overrides quoted inline in the prose ----------------------------------------------------------
+
+KEYS = r"[+~]{0,2}(?:model|data|balancer|trainer|logger|deepspeed|peft|distributed|seed|experiment|hydra)"
+# `key=value`, or `'key=value with spaces'` quoted as for the shell.
+INLINE = re.compile(rf"`({KEYS}[\w.<>/-]*=[^`\s]*)`|`'({KEYS}[\w.<>/-]*=[^`']*)'`")
+# Shown as placeholders, not as something to run: `<task>`, `N`, `PATH`, `a|b`, `...`, a bare `key=`.
+PLACEHOLDER = re.compile(r"<[^>]*>|\.\.\.|\||=$|=(N|PATH|DIR|w)$")
+# The inline examples of what is refused (docs/resuming.md's table of bad input, the README's typo).
+REFUSED = {
+    "trainer.mx_steps=5",
+    "trainer.max_steps=many",
+    "trainer.lr=-1",
+    "trainer.log_interval=0",
+    "trainer.precision=fp16",
+}
+# What an override needs beside it to compose: its section's config group, or a task to read.
+CONTEXT = {
+    "+balancer.min_losses.": ["balancer=famo"],
+    "+deepspeed.extra=": ["deepspeed=zero2"],
+    "peft.": ["peft=lora"],
+    "trainer.pure_bf16=": ["trainer.precision=bf16"],
+    "model.chat_template=": ["model.prompt_format=chat"],
+    "data=": ["+data.tasks.t.train=[README.md]"],
+}
+
+
+def inline_overrides() -> list[tuple[str, str]]:
+    found = {}
+    for path in DOCS:
+        text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)
+        for plain, quoted in INLINE.findall(text):
+            override = plain or quoted
+            if not PLACEHOLDER.search(override):
+                found.setdefault(override, str(path.relative_to(ROOT)))
+    return sorted((where, override) for override, where in found.items())
+
+
+INLINE_OVERRIDES = inline_overrides()
+
+
+def test_the_docs_quote_overrides_inline():
+    assert len(INLINE_OVERRIDES) > 30 and {o for _, o in INLINE_OVERRIDES} >= REFUSED
+
+
+@pytest.mark.parametrize("where,override", INLINE_OVERRIDES, ids=[o for _, o in INLINE_OVERRIDES])
+def test_an_inline_override_composes_as_written(where, override):
+    register_configs()
+    context = next((extra for prefix, extra in CONTEXT.items() if override.startswith(prefix)), [])
+    if override in REFUSED:
+        with pytest.raises(Exception):  # noqa: B017 - Hydra's, OmegaConf's or mtft's own error
+            check_job([*context, override])
+    else:
+        check_job([*context, override])
