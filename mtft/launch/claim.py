@@ -10,7 +10,6 @@ detached before the refusal is logged).
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import logging
 import os
@@ -70,7 +69,7 @@ def leave_run_dir(run_dir: Path) -> None:
     for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
         root.removeHandler(handler)
         handler.close()
-    with contextlib.suppress(OSError):  # not empty: another run's dir, left as it is
+    with suppress(OSError):  # not empty: another run's dir, left as it is
         run_dir.rmdir()
 
 
