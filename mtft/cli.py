@@ -54,7 +54,7 @@ def _train(args: list[str]) -> int:
     try:
         app.main()
     except Exception as e:
-        if app.task_started or user_wants_trace:
+        if app.task_started or user_wants_trace or isinstance(e, BrokenPipeError):
             raise
         # Before the task starts only Hydra runs, and some of its composition failures are bare
         # asserts (`+deepspeed.extra.x=1` while deepspeed=none): still the user's overrides.

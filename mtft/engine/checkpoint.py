@@ -184,8 +184,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 class _WriteErrors:
-    """The file torch.save writes to, keeping the OSError of a failed write: torch turns it into a
-    RuntimeError ("unexpected pos ...") that does not say the disk is full."""
+    """torch.save's file, keeping a failed write's OSError (torch raises "unexpected pos" instead)."""
 
     def __init__(self, fh: BinaryIO) -> None:
         self.fh, self.error = fh, None
