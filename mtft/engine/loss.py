@@ -15,13 +15,16 @@ def per_task_token_loss(
 
     The mean loss of task i is `sums[i] / counts[i]`: a token mean over all unmasked tokens of task
     i's sequences. Returning sums and counts (not means) lets ranks and micro-batches be added exactly.
-    Only learned positions go through the softmax: prompt and padding cost nothing here.
+    Only learned positions go through the softmax: prompt and padding cost nothing here. `task_ids`
+    is per row `(batch,)`, or per token `(batch, length)` for packed rows holding several examples.
     """
     shift_labels = labels[:, 1:]
     learned = shift_labels != IGNORE_INDEX
-    rows = learned.nonzero(as_tuple=True)[0]
     token_loss = F.cross_entropy(logits[:, :-1, :][learned].float(), shift_labels[learned], reduction="none")
-    token_task = task_ids[rows]
+    if task_ids.dim() == 2:  # the task of the predicting position (an example's own, see mtft.data.packing)
+        token_task = task_ids[:, :-1][learned]
+    else:
+        token_task = task_ids[learned.nonzero(as_tuple=True)[0]]
     sums = torch.zeros(num_tasks, dtype=token_loss.dtype, device=logits.device).scatter_add(
         0, token_task, token_loss
     )
