@@ -78,7 +78,7 @@ def test_packed_per_task_losses_equal_unpacked(arch):
     bins = first_fit_decreasing([len(r["input_ids"]) for r in rows], 40)
     assert len(bins) < len(rows)  # rows really hold several examples, of several tasks
     packed = PackedCollator(PAD, 40)([[rows[i] for i in b] for b in bins])
-    assert packed["input_ids"].shape[1] <= 40 and "attention_mask" not in packed
+    assert packed["input_ids"].shape[1] == 40 and "attention_mask" not in packed
     assert int(count_tokens(packed)) == int(count_tokens(padded)) == sum(len(r["input_ids"]) for r in rows)
     sums, counts = task_sums(model, padded)
     packed_sums, packed_counts = task_sums(model, packed)

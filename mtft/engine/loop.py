@@ -259,9 +259,10 @@ class Trainer:
         stats = StepStats(torch.zeros(T, device=device), torch.zeros(T, device=device))
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # this rank's share
         nonfinite = torch.zeros(T, dtype=torch.bool, device=device)
+        tokens = torch.zeros((), dtype=torch.long)  # counted on the host, where the batches are
         for micro in range(self.cfg.grad_accum):
             stats.last_batch = next(batches)
-            stats.tokens += int(count_tokens(stats.last_batch))  # on the host: the batch is still there
+            tokens += count_tokens(stats.last_batch)
             with self.backend.accumulating(last=micro == self.cfg.grad_accum - 1):
                 losses, sums, counts = self._forward(stats.last_batch)
                 stats.sums += sums
@@ -276,10 +277,9 @@ class Trainer:
                     loss_sum += loss.detach()
                 self.backend.backward(loss * world_size() / self.cfg.grad_accum)
         # The step's one host sync: the job's combined loss and tokens, and which tasks were non-finite.
-        tokens_t = torch.tensor(stats.tokens, dtype=torch.float64, device=device)
-        totals = all_reduce_sum(torch.stack([loss_sum, tokens_t]))
-        loss, tokens, *bad = torch.cat([totals, nonfinite.double()]).tolist()
-        stats.loss, stats.tokens = loss / self.cfg.grad_accum, int(tokens)
+        totals = all_reduce_sum(torch.stack([loss_sum, tokens.to(device, torch.float64)]))
+        loss, total_tokens, *bad = torch.cat([totals, nonfinite.double()]).tolist()
+        stats.loss, stats.tokens = loss / self.cfg.grad_accum, int(total_tokens)
         stats.bad_tasks = {t for t, b in zip(self.tasks, bad, strict=True) if b}
         return stats
 
