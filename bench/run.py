@@ -188,84 +188,7 @@ def render(results: dict[str, Any]) -> dict[str, str]:
             f"{results['batch_size']} sequences, fp32 on CPU",
         ]
     )
-    tp = results["throughput"]
-    sides = tp["sides"]
-    rows = [
-        "| loop | useful tokens/s (median) | median step | vs bare loop | vs HF Trainer |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    ratio = tp["ratios"]
-    vs_bare = {
-        "bare": 1.0,
-        "hf": ratio["hf/bare"],
-        "mtft": ratio["mtft/bare"],
-        "mtft_grouped": ratio["mtft_grouped/bare"],
-    }
-    vs_hf = {"hf": 1.0, "mtft": ratio["mtft/hf"]}
-    runs = {side: sides[side]["tokens_per_s_all"] for side in throughput.SIDES}
-    plain_sides = [side for side in throughput.SIDES if side not in throughput.PACKED]
-
-    def spread(a: str, b: str) -> str:
-        per_rep = [x / y for x, y in zip(runs[a], runs[b], strict=True)]
-        return f" ({min(per_rep):.2f}–{max(per_rep):.2f})" if len(per_rep) > 1 else ""
-
-    ranges = {
-        "hf": spread("hf", "bare"),
-        "mtft": spread("mtft", "bare"),
-        "mtft_grouped": spread("mtft_grouped", "bare"),
-    }
-    ranges_hf = {"mtft": spread("mtft", "hf")}
-    for side in plain_sides:
-        s = sides[side]
-        rows.append(
-            f"| {throughput.LABELS[side]} | {s['tokens_per_s']:,.0f} | {s['median_step_s'] * 1000:.0f} ms | "
-            f"{_x(vs_bare[side])}{ranges.get(side, '')} | "
-            f"{_x(vs_hf[side]) + ranges_hf.get(side, '') if side in vs_hf else '—'} |"
-        )
-    rows += [
-        "",
-        "With packing on every side (`data.packing=true`: the same packed rows, position ids restarting "
-        "per example, no attention mask; the HF Trainer fed them as TRL's `padding_free` does):",
-        "",
-        "| loop | useful tokens/s (median) | median step | vs bare loop, packed | vs HF Trainer, packed |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    packed_vs = {
-        "bare_packed": ("1.00x", "—"),
-        "hf_packed": (_x(ratio["hf_packed/bare_packed"]) + spread("hf_packed", "bare_packed"), "1.00x"),
-        "mtft_packed": (
-            _x(ratio["mtft_packed/bare_packed"]) + spread("mtft_packed", "bare_packed"),
-            _x(ratio["mtft_packed/hf_packed"]) + spread("mtft_packed", "hf_packed"),
-        ),
-    }
-    for side in throughput.PACKED:
-        s = sides[side]
-        rows.append(
-            f"| {throughput.LABELS[side]} | {s['tokens_per_s']:,.0f} | {s['median_step_s'] * 1000:.0f} ms | "
-            f"{packed_vs[side][0]} | {packed_vs[side][1]} |"
-        )
-    pad = tp["padding"]
-    rows += [
-        "",
-        f"{tp['reps']} repetitions per loop, alternating (rotating order), {tp['steps']} steps each, the first "
-        f"{tp['warmup']} not timed; tokens/s is the median over repetitions, each ratio the median of the "
-        "per-repetition ratios (in brackets: the lowest and highest of them). Useful tokens = non-padding tokens (`attention_mask.sum()`); all loops but "
-        "the grouped one train on the very same batches (checked token by token).",
-        "",
-        "Padding waste (share of the padded batch that is padding) over one epoch of batches "
-        f"({pad['batches']:,} batches of {results['batch_size']}):",
-        "",
-        "| batching | real tokens | padded tokens | padding waste |",
-        "|---|---:|---:|---:|",
-        f"| plain (default) | {pad['plain']['real_tokens']:,} | {pad['plain']['padded_tokens']:,} | {pad['plain']['waste']:.1%} |",
-        f"| `data.group_by_length=true` | {pad['grouped']['real_tokens']:,} | {pad['grouped']['padded_tokens']:,} | {pad['grouped']['waste']:.1%} |",
-        f"| `data.packing=true` (rows of `data.max_length`) | {pad['packed']['real_tokens']:,} | {pad['packed']['padded_tokens']:,} | {pad['packed']['waste']:.1%} |",
-        "",
-        f"`data.group_by_length=true` makes mtft **{_x(ratio['mtft_grouped/mtft'])}** faster in useful tokens/s, "
-        f"`data.packing=true` **{_x(ratio['mtft_packed/mtft'])}**{spread('mtft_packed', 'mtft')} "
-        f"({_x(ratio['mtft_packed/mtft_grouped'])} of length grouping).",
-    ]
-    blocks["throughput"] = "\n".join(rows)
+    blocks["throughput"] = render_throughput(results["throughput"], results["batch_size"])
 
     oh = results["overhead"]
     names = overhead.BALANCERS
@@ -367,6 +290,87 @@ def render(results: dict[str, Any]) -> dict[str, str]:
     blocks["data"] = data.render(results["data"]) if "data" in results else "(not run in this mode)"
     blocks["targets"] = render_targets(results)
     return blocks
+
+
+def render_throughput(tp: dict[str, Any], batch_size: int) -> str:
+    """The throughput block: every loop, plain and packed, and the padding table."""
+    sides = tp["sides"]
+    rows = [
+        "| loop | useful tokens/s (median) | median step | vs bare loop | vs HF Trainer |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    ratio = tp["ratios"]
+    vs_bare = {
+        "bare": 1.0,
+        "hf": ratio["hf/bare"],
+        "mtft": ratio["mtft/bare"],
+        "mtft_grouped": ratio["mtft_grouped/bare"],
+    }
+    vs_hf = {"hf": 1.0, "mtft": ratio["mtft/hf"]}
+    runs = {side: sides[side]["tokens_per_s_all"] for side in throughput.SIDES}
+    plain_sides = [side for side in throughput.SIDES if side not in throughput.PACKED]
+
+    def spread(a: str, b: str) -> str:
+        per_rep = [x / y for x, y in zip(runs[a], runs[b], strict=True)]
+        return f" ({min(per_rep):.2f}–{max(per_rep):.2f})" if len(per_rep) > 1 else ""
+
+    ranges = {
+        "hf": spread("hf", "bare"),
+        "mtft": spread("mtft", "bare"),
+        "mtft_grouped": spread("mtft_grouped", "bare"),
+    }
+    ranges_hf = {"mtft": spread("mtft", "hf")}
+    for side in plain_sides:
+        s = sides[side]
+        rows.append(
+            f"| {throughput.LABELS[side]} | {s['tokens_per_s']:,.0f} | {s['median_step_s'] * 1000:.0f} ms | "
+            f"{_x(vs_bare[side])}{ranges.get(side, '')} | "
+            f"{_x(vs_hf[side]) + ranges_hf.get(side, '') if side in vs_hf else '—'} |"
+        )
+    rows += [
+        "",
+        "With packing on every side (`data.packing=true`: the same packed rows, position ids restarting "
+        "per example, no attention mask; the HF Trainer fed them as TRL's `padding_free` does):",
+        "",
+        "| loop | useful tokens/s (median) | median step | vs bare loop, packed | vs HF Trainer, packed |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    packed_vs = {
+        "bare_packed": ("1.00x", "—"),
+        "hf_packed": (_x(ratio["hf_packed/bare_packed"]) + spread("hf_packed", "bare_packed"), "1.00x"),
+        "mtft_packed": (
+            _x(ratio["mtft_packed/bare_packed"]) + spread("mtft_packed", "bare_packed"),
+            _x(ratio["mtft_packed/hf_packed"]) + spread("mtft_packed", "hf_packed"),
+        ),
+    }
+    for side in throughput.PACKED:
+        s = sides[side]
+        rows.append(
+            f"| {throughput.LABELS[side]} | {s['tokens_per_s']:,.0f} | {s['median_step_s'] * 1000:.0f} ms | "
+            f"{packed_vs[side][0]} | {packed_vs[side][1]} |"
+        )
+    pad = tp["padding"]
+    rows += [
+        "",
+        f"{tp['reps']} repetitions per loop, alternating (rotating order), {tp['steps']} steps each, the first "
+        f"{tp['warmup']} not timed; tokens/s is the median over repetitions, each ratio the median of the "
+        "per-repetition ratios (in brackets: the lowest and highest of them). Useful tokens = non-padding tokens; the plain loops "
+        "train on the very same batches, and the packed loops on the very same packed rows (checked token by token).",
+        "",
+        "Padding waste (share of the padded batch that is padding) over one epoch of batches "
+        f"({pad['batches']:,} batches of {batch_size}):",
+        "",
+        "| batching | real tokens | padded tokens | padding waste |",
+        "|---|---:|---:|---:|",
+        f"| plain (default) | {pad['plain']['real_tokens']:,} | {pad['plain']['padded_tokens']:,} | {pad['plain']['waste']:.1%} |",
+        f"| `data.group_by_length=true` | {pad['grouped']['real_tokens']:,} | {pad['grouped']['padded_tokens']:,} | {pad['grouped']['waste']:.1%} |",
+        f"| `data.packing=true` ({pad['packed']['rows']:,} rows of `data.max_length`) | {pad['packed']['real_tokens']:,} | {pad['packed']['padded_tokens']:,} | {pad['packed']['waste']:.1%} |",
+        "",
+        f"`data.group_by_length=true` makes mtft **{_x(ratio['mtft_grouped/mtft'])}** faster in useful tokens/s, "
+        f"`data.packing=true` **{_x(ratio['mtft_packed/mtft'])}**{spread('mtft_packed', 'mtft')} "
+        f"({_x(ratio['mtft_packed/mtft_grouped'])} of length grouping).",
+    ]
+    return "\n".join(rows)
 
 
 def render_targets(results: dict[str, Any]) -> str:

@@ -154,18 +154,6 @@ def run_side(side: str, setup: Setup, steps: int, warmup: int) -> Timing:
     raise ValueError(side)
 
 
-def packed_waste(setup: Setup, rows: int) -> dict[str, float]:
-    """Share of the packed rows (of `data.max_length` tokens) that is padding, over the first `rows` rows."""
-    it = iter(setup.sampler(packing=True))
-    real = n = 0
-    while n < rows:
-        for row in next(it):
-            real += sum(setup.lengths[i] for i in row)
-            n += 1
-    padded = n * setup.cfg.data.max_length
-    return {"real_tokens": real, "padded_tokens": padded, "waste": 1 - real / padded}
-
-
 def padding_waste(setup: Setup, batches: int, group_by_length: bool) -> dict[str, float]:
     """Share of the padded batch that is padding, over the first `batches` batches of the stream."""
     it = iter(setup.sampler(group_by_length=group_by_length))
@@ -175,6 +163,19 @@ def padding_waste(setup: Setup, batches: int, group_by_length: bool) -> dict[str
         real += sum(lengths)
         padded += len(lengths) * max(lengths)
     return {"real_tokens": real, "padded_tokens": padded, "waste": 1 - real / padded}
+
+
+def packed_waste(setup: Setup) -> dict[str, float]:
+    """Share of the packed rows (of `data.max_length` tokens) that is padding, over one epoch of examples."""
+    it = iter(setup.sampler(packing=True))
+    real = rows = examples = 0
+    while examples < len(setup.lengths):
+        for row in next(it):
+            real += sum(setup.lengths[i] for i in row)
+            examples += len(row)
+            rows += 1
+    padded = rows * setup.cfg.data.max_length
+    return {"real_tokens": real, "padded_tokens": padded, "waste": 1 - real / padded, "rows": rows}
 
 
 def run(
@@ -221,7 +222,7 @@ def run(
     summary["padding"] = {
         "plain": padding_waste(setup, epoch_batches, False),
         "grouped": padding_waste(setup, epoch_batches, True),
-        "packed": packed_waste(setup, epoch_batches),
+        "packed": packed_waste(setup),
         "batches": epoch_batches,
     }
     return summary
