@@ -202,7 +202,8 @@ def test_packed_training_resumes_bitwise(run_mtft, tmp_path):
     """CoBa (packed probe batches), LoRA, accumulation and DataLoader workers over packed rows: a run
     cut back to its step-3 checkpoint and resumed ends exactly where the uninterrupted run ended."""
     full = tmp_path / "full"
-    run_mtft("train", *PACKED, f"hydra.run.dir={full}")
+    proc = run_mtft("train", *PACKED, f"hydra.run.dir={full}")
+    assert "= 4 packed rows, ~" in proc.stdout + proc.stderr  # the run-start block counts rows
     rows = read_metrics(full)
     train = {r["step"]: r for r in rows if r["split"] == "train" and r["task"] == "all"}
     assert sorted(train) == list(range(1, 7)) and all(r["loss"] is not None for r in train.values())
