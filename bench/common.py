@@ -27,12 +27,14 @@ from transformers import PreTrainedTokenizerBase
 
 from mtft.data.collator import TaskCollator
 from mtft.data.mixture import TokenizedMixture
+from mtft.data.packing import PackedCollator
 from mtft.data.sampler import MixtureSampler, sequence_lengths
 from mtft.loggers.base import Row
 from mtft.recipe.builders import (
     Data,
     build_backend,
     build_balancer,
+    build_collator,
     build_data,
     build_model,
     build_sampler,
@@ -79,10 +81,12 @@ class Setup:
         torch.manual_seed(self.cfg.seed)
         return build_model(self.cfg, self.model_path, torch.device("cpu"))
 
-    def config(self, batch_size: int | None = None, group_by_length: bool = False) -> TrainConfig:
-        """The run's config with another batch size or length grouping."""
+    def config(
+        self, batch_size: int | None = None, group_by_length: bool = False, packing: bool = False
+    ) -> TrainConfig:
+        """The run's config with another batch size, length grouping or packing."""
         trainer = dataclasses.replace(self.cfg.trainer, batch_size=batch_size or self.cfg.trainer.batch_size)
-        data = dataclasses.replace(self.cfg.data, group_by_length=group_by_length)
+        data = dataclasses.replace(self.cfg.data, group_by_length=group_by_length, packing=packing)
         return dataclasses.replace(self.cfg, trainer=trainer, data=data)
 
     def sampler(
@@ -90,18 +94,22 @@ class Setup:
         batch_size: int | None = None,
         group_by_length: bool = False,
         task_ids: Sequence[int] | None = None,
+        packing: bool = False,
     ) -> MixtureSampler:
         """The run's sampler; `task_ids` relabels the same examples (the synthetic T-task splits)."""
         ids = self.data.train_task_ids if task_ids is None else list(task_ids)
-        return build_sampler(self.config(batch_size, group_by_length), ids, self.lengths)
+        return build_sampler(self.config(batch_size, group_by_length, packing), ids, self.lengths)
 
-    def collator(self) -> TaskCollator:
-        return TaskCollator(self.pad_token_id)
+    def collator(self, packing: bool = False) -> TaskCollator | PackedCollator:
+        return build_collator(self.config(packing=packing), self.pad_token_id)
 
-    def step_tokens(self, steps: int, group_by_length: bool = False) -> list[int]:
+    def step_tokens(self, steps: int, group_by_length: bool = False, packing: bool = False) -> list[int]:
         """Non-padding tokens of each of the first `steps` batches (the same batches every side trains on)."""
-        it = iter(self.sampler(group_by_length=group_by_length))
-        return [sum(self.lengths[i] for i in next(it)) for _ in range(steps)]
+        it = iter(self.sampler(group_by_length=group_by_length, packing=packing))
+        batches = [next(it) for _ in range(steps)]
+        if packing:
+            return [sum(self.lengths[i] for row in b for i in row) for b in batches]
+        return [sum(self.lengths[i] for i in b) for b in batches]
 
 
 class TimingSink:
@@ -169,10 +177,11 @@ def run_mtft(
     group_by_length: bool = False,
     batch_size: int | None = None,
     grad_accum: int = 1,
+    packing: bool = False,
 ) -> Timing:
     """Train with mtft's own Trainer (metrics.jsonl written as in a real run) and time every step."""
     data = data or setup.data
-    cfg = setup.config(batch_size, group_by_length)
+    cfg = setup.config(batch_size, group_by_length, packing)
     cfg.trainer = dataclasses.replace(
         cfg.trainer,
         max_steps=steps,

@@ -51,6 +51,10 @@ class Mode:
     data_n: int = 0  # generated conversations for the data pipeline measurement (0: skip)
 
 
+# Packed rows per step in the quality comparison: 8 rows of 256 tokens hold about the tokens of the
+# 16 unpacked sequences of a plain step (mean length ~125), so both train on the same budget.
+PACKED_ROWS = 8
+
 MODES = {
     "quick": Mode(3, 14, 3, (2, 4, 8, 16, 32), 1, 10, 3, (4,), 0, (1,), 30, 10, False, data_n=50_000),
     "full": Mode(5, 20, 4, (2, 4, 8, 16, 32), 2, 10, 2, (4, 32), 4, (1, 2, 3), 100, 20, True, data_n=200_000),
@@ -73,6 +77,7 @@ def run_all(mode_name: str, out_dir: Path, log: Callable[[str], None] = print) -
     results["model_parameters"] = sum(p.numel() for p in setup.model().parameters())
     results["train_examples"] = len(setup.lengths)
     results["batch_size"] = setup.cfg.trainer.batch_size
+    results["max_length"] = setup.cfg.data.max_length
     log(f"throughput: {mode.tp_reps} reps x {len(throughput.SIDES)} sides x {mode.tp_steps} steps")
     t0 = time.perf_counter()
     results["throughput"] = throughput.run(setup, mode.tp_reps, mode.tp_steps, mode.tp_warmup, log)
@@ -125,6 +130,19 @@ def run_all(mode_name: str, out_dir: Path, log: Callable[[str], None] = print) -
                 balancers="uniform",
             )
             results["quality"]["grouped_runs"] = [_run_row(r) for r in quality.summaries(grouped_dir)]
+            packed_dir = out_dir / "sweep_packed"
+            shutil.rmtree(packed_dir, ignore_errors=True)
+            log(f"quality: uniform with data.packing=true, {PACKED_ROWS} rows a step")
+            quality.sweep(
+                packed_dir,
+                mode.q_seeds,
+                mode.q_steps,
+                mode.q_eval_interval,
+                mode.jobs,
+                extra=["data.packing=true", f"trainer.batch_size={PACKED_ROWS}"],
+                balancers="uniform",
+            )
+            results["quality"]["packed_runs"] = [_run_row(r) for r in quality.summaries(packed_dir)]
         results["quality"]["wall_s"] = time.perf_counter() - t0
     results["wall_s"] = time.perf_counter() - started
     results["machine"]["load_avg_end"] = machine()["load_avg"]
@@ -172,58 +190,7 @@ def render(results: dict[str, Any]) -> dict[str, str]:
             f"{results['batch_size']} sequences, fp32 on CPU",
         ]
     )
-    tp = results["throughput"]
-    sides = tp["sides"]
-    rows = [
-        "| loop | useful tokens/s (median) | median step | vs bare loop | vs HF Trainer |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    ratio = tp["ratios"]
-    vs_bare = {
-        "bare": 1.0,
-        "hf": ratio["hf/bare"],
-        "mtft": ratio["mtft/bare"],
-        "mtft_grouped": ratio["mtft_grouped/bare"],
-    }
-    vs_hf = {"hf": 1.0, "mtft": ratio["mtft/hf"]}
-    runs = {side: sides[side]["tokens_per_s_all"] for side in throughput.SIDES}
-
-    def spread(a: str, b: str) -> str:
-        per_rep = [x / y for x, y in zip(runs[a], runs[b], strict=True)]
-        return f" ({min(per_rep):.2f}–{max(per_rep):.2f})" if len(per_rep) > 1 else ""
-
-    ranges = {
-        "hf": spread("hf", "bare"),
-        "mtft": spread("mtft", "bare"),
-        "mtft_grouped": spread("mtft_grouped", "bare"),
-    }
-    ranges_hf = {"mtft": spread("mtft", "hf")}
-    for side in throughput.SIDES:
-        s = sides[side]
-        rows.append(
-            f"| {throughput.LABELS[side]} | {s['tokens_per_s']:,.0f} | {s['median_step_s'] * 1000:.0f} ms | "
-            f"{_x(vs_bare[side])}{ranges.get(side, '')} | "
-            f"{_x(vs_hf[side]) + ranges_hf.get(side, '') if side in vs_hf else '—'} |"
-        )
-    pad = tp["padding"]
-    rows += [
-        "",
-        f"{tp['reps']} repetitions per loop, alternating (rotating order), {tp['steps']} steps each, the first "
-        f"{tp['warmup']} not timed; tokens/s is the median over repetitions, each ratio the median of the "
-        "per-repetition ratios (in brackets: the lowest and highest of them). Useful tokens = non-padding tokens (`attention_mask.sum()`); all loops but "
-        "the grouped one train on the very same batches (checked token by token).",
-        "",
-        "Padding waste (share of the padded batch that is padding) over one epoch of batches "
-        f"({pad['batches']:,} batches of {results['batch_size']}):",
-        "",
-        "| batching | real tokens | padded tokens | padding waste |",
-        "|---|---:|---:|---:|",
-        f"| plain (default) | {pad['plain']['real_tokens']:,} | {pad['plain']['padded_tokens']:,} | {pad['plain']['waste']:.1%} |",
-        f"| `data.group_by_length=true` | {pad['grouped']['real_tokens']:,} | {pad['grouped']['padded_tokens']:,} | {pad['grouped']['waste']:.1%} |",
-        "",
-        f"`data.group_by_length=true` makes mtft **{_x(ratio['mtft_grouped/mtft'])}** faster in useful tokens/s.",
-    ]
-    blocks["throughput"] = "\n".join(rows)
+    blocks["throughput"] = render_throughput(results["throughput"], results["batch_size"])
 
     oh = results["overhead"]
     names = overhead.BALANCERS
@@ -322,12 +289,100 @@ def render(results: dict[str, Any]) -> dict[str, str]:
                 f"| `data.group_by_length=true` | {agg(grouped, 'mean_final')} | {agg(grouped, 'mean_best')} | "
                 f"{statistics.fmean(r['tokens_per_s'] for r in grouped):,.0f} | {statistics.fmean(r['wall_s'] for r in grouped):.0f} s |",
             ]
+        if q.get("packed_runs"):
+            packed = q["packed_runs"]
+            rows.append(
+                f"| `data.packing=true`, {PACKED_ROWS} rows of {results['max_length']} tokens | "
+                f"{agg(packed, 'mean_final')} | {agg(packed, 'mean_best')} | "
+                f"{statistics.fmean(r['tokens_per_s'] for r in packed):,.0f} | {statistics.fmean(r['wall_s'] for r in packed):.0f} s |"
+            )
         blocks["quality"] = "\n".join(rows)
     else:
         blocks["quality"] = "(not run in this mode)"
     blocks["data"] = data.render(results["data"]) if "data" in results else "(not run in this mode)"
     blocks["targets"] = render_targets(results)
     return blocks
+
+
+def render_throughput(tp: dict[str, Any], batch_size: int) -> str:
+    """The throughput block: every loop, plain and packed, and the padding table."""
+    sides = tp["sides"]
+    rows = [
+        "| loop | useful tokens/s (median) | median step | vs bare loop | vs HF Trainer |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    ratio = tp["ratios"]
+    vs_bare = {
+        "bare": 1.0,
+        "hf": ratio["hf/bare"],
+        "mtft": ratio["mtft/bare"],
+        "mtft_grouped": ratio["mtft_grouped/bare"],
+    }
+    vs_hf = {"hf": 1.0, "mtft": ratio["mtft/hf"]}
+    runs = {side: sides[side]["tokens_per_s_all"] for side in throughput.SIDES}
+    plain_sides = [side for side in throughput.SIDES if side not in throughput.PACKED]
+
+    def spread(a: str, b: str) -> str:
+        per_rep = [x / y for x, y in zip(runs[a], runs[b], strict=True)]
+        return f" ({min(per_rep):.2f}–{max(per_rep):.2f})" if len(per_rep) > 1 else ""
+
+    ranges = {
+        "hf": spread("hf", "bare"),
+        "mtft": spread("mtft", "bare"),
+        "mtft_grouped": spread("mtft_grouped", "bare"),
+    }
+    ranges_hf = {"mtft": spread("mtft", "hf")}
+    for side in plain_sides:
+        s = sides[side]
+        rows.append(
+            f"| {throughput.LABELS[side]} | {s['tokens_per_s']:,.0f} | {s['median_step_s'] * 1000:.0f} ms | "
+            f"{_x(vs_bare[side])}{ranges.get(side, '')} | "
+            f"{_x(vs_hf[side]) + ranges_hf.get(side, '') if side in vs_hf else '—'} |"
+        )
+    rows += [
+        "",
+        "With packing on every side (`data.packing=true`: the same packed rows, position ids restarting "
+        "per example, no attention mask; the HF Trainer fed them as TRL's `padding_free` does):",
+        "",
+        "| loop | useful tokens/s (median) | median step | vs bare loop, packed | vs HF Trainer, packed |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    packed_vs = {
+        "bare_packed": ("1.00x", "—"),
+        "hf_packed": (_x(ratio["hf_packed/bare_packed"]) + spread("hf_packed", "bare_packed"), "1.00x"),
+        "mtft_packed": (
+            _x(ratio["mtft_packed/bare_packed"]) + spread("mtft_packed", "bare_packed"),
+            _x(ratio["mtft_packed/hf_packed"]) + spread("mtft_packed", "hf_packed"),
+        ),
+    }
+    for side in throughput.PACKED:
+        s = sides[side]
+        rows.append(
+            f"| {throughput.LABELS[side]} | {s['tokens_per_s']:,.0f} | {s['median_step_s'] * 1000:.0f} ms | "
+            f"{packed_vs[side][0]} | {packed_vs[side][1]} |"
+        )
+    pad = tp["padding"]
+    rows += [
+        "",
+        f"{tp['reps']} repetitions per loop, alternating (rotating order), {tp['steps']} steps each, the first "
+        f"{tp['warmup']} not timed; tokens/s is the median over repetitions, each ratio the median of the "
+        "per-repetition ratios (in brackets: the lowest and highest of them). Useful tokens = non-padding tokens; the plain loops "
+        "train on the very same batches, and the packed loops on the very same packed rows (checked token by token).",
+        "",
+        "Padding waste (share of the padded batch that is padding) over one epoch of batches "
+        f"({pad['batches']:,} batches of {batch_size}):",
+        "",
+        "| batching | real tokens | padded tokens | padding waste |",
+        "|---|---:|---:|---:|",
+        f"| plain (default) | {pad['plain']['real_tokens']:,} | {pad['plain']['padded_tokens']:,} | {pad['plain']['waste']:.1%} |",
+        f"| `data.group_by_length=true` | {pad['grouped']['real_tokens']:,} | {pad['grouped']['padded_tokens']:,} | {pad['grouped']['waste']:.1%} |",
+        f"| `data.packing=true` ({pad['packed']['rows']:,} rows of `data.max_length`) | {pad['packed']['real_tokens']:,} | {pad['packed']['padded_tokens']:,} | {pad['packed']['waste']:.1%} |",
+        "",
+        f"`data.group_by_length=true` makes mtft **{_x(ratio['mtft_grouped/mtft'])}** faster in useful tokens/s, "
+        f"`data.packing=true` **{_x(ratio['mtft_packed/mtft'])}**{spread('mtft_packed', 'mtft')} "
+        f"({_x(ratio['mtft_packed/mtft_grouped'])} of length grouping).",
+    ]
+    return "\n".join(rows)
 
 
 def render_targets(results: dict[str, Any]) -> str:
@@ -346,11 +401,25 @@ def render_targets(results: dict[str, Any]) -> str:
         "|---|---:|---|",
         f"| mtft ≥ 0.9x bare PyTorch loop (tokens/s) | {_x(r['mtft/bare'])} | {status(r['mtft/bare'] >= 0.9)} |",
         f"| mtft ≥ 1.0x Hugging Face Trainer | {_x(r['mtft/hf'])} | {status(r['mtft/hf'] >= 1.0)} |",
+        f"| `data.packing=true` ≥ 1.8x plain batches (useful tokens/s, codetasks) | {_x(r['mtft_packed/mtft'])} | "
+        f"{status(r['mtft_packed/mtft'] >= 1.8)} |",
+        f"| with packing on both sides: mtft ≥ 0.9x bare loop, ≥ 1.0x HF Trainer | {_x(r['mtft_packed/bare_packed'])}, "
+        f"{_x(r['mtft_packed/hf_packed'])} | {status(r['mtft_packed/bare_packed'] >= 0.9 and r['mtft_packed/hf_packed'] >= 1.0)} |",
         f"| CoBa ≤ 1.05x uniform step time (defaults, T=4, grad_accum=1) | {_x(T4['coba']['ratio'])} | {status(T4['coba']['ratio'] <= 1.05)} |",
         f"| FAMO ≤ 1.05x uniform step time (defaults, T=4) | {_x(T4['famo']['ratio'])} | {status(T4['famo']['ratio'] <= 1.05)} |",
         f"| GradNorm ≤ 1.6x uniform step time at T={Tmax} (growth with T shown) | {gn} | "
         f"{status(oh[Tmax]['gradnorm']['ratio'] <= 1.6)} |",
     ]
+    q = results.get("quality") or {}
+    if q.get("packed_runs"):
+        plain = [run["mean_final"] for run in q["runs"] if run["balancer"] == "uniform"]
+        packed = [run["mean_final"] for run in q["packed_runs"]]
+        gap, noise = packed_vs_plain(plain, packed)
+        rows.append(
+            f"| `data.packing=true` validation loss at a fixed budget = plain's within noise (uniform, "
+            f"{len(packed)} seeds; noise = 2 standard errors of the difference) | {gap:+.3f} (noise {noise:.3f}) | "
+            f"{status(abs(gap) <= noise)} |"
+        )
     if "data" in results:
         d = results["data"]
         ratio = (d["mtft_1"]["peak_mb"] - d["mtft_1"]["base_mb"]) / (
@@ -361,6 +430,12 @@ def render_targets(results: dict[str, Any]) -> str:
             f"objects | {_x(ratio)} | {status(ratio <= 0.5)} |"
         )
     return "\n".join(rows)
+
+
+def packed_vs_plain(plain: list[float], packed: list[float]) -> tuple[float, float]:
+    """(mean packed - mean plain, two standard errors of that difference) of final validation losses."""
+    var = sum(statistics.variance(v) / len(v) for v in (plain, packed) if len(v) > 1)
+    return statistics.fmean(packed) - statistics.fmean(plain), 2 * var**0.5
 
 
 def rewrite(path: Path, blocks: dict[str, str]) -> None:

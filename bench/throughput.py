@@ -21,29 +21,36 @@ from transformers import PrinterCallback, TrainerCallback, TrainingArguments
 from transformers import Trainer as HFTrainer
 
 from bench.common import Setup, Timing, median, run_mtft
-from mtft.data.collator import IGNORE_INDEX
+from mtft.data.collator import IGNORE_INDEX, count_tokens, model_inputs
+from mtft.data.packing import PackedRows
 from mtft.engine.backend import build_optimizer, build_scheduler
 
-SIDES = ("bare", "hf", "mtft", "mtft_grouped")
+SIDES = ("bare", "hf", "mtft", "mtft_grouped", "bare_packed", "hf_packed", "mtft_packed")
+PACKED = ("bare_packed", "hf_packed", "mtft_packed")  # packed rows of the same bins on every side
 LABELS = {
     "bare": "bare PyTorch loop",
     "hf": "Hugging Face Trainer",
     "mtft": "mtft",
     "mtft_grouped": "mtft, data.group_by_length=true",
+    "bare_packed": "bare PyTorch loop, packed",
+    "hf_packed": "Hugging Face Trainer, packed (padding-free)",
+    "mtft_packed": "mtft, data.packing=true",
 }
 
 
-def _loader(setup: Setup, with_task_ids: bool) -> DataLoader:
-    """The mtft sampler's batches, collated by mtft's collator (task ids dropped for plain LM losses)."""
-    collate = setup.collator()
+def _loader(setup: Setup, with_task_ids: bool, packing: bool = False) -> DataLoader:
+    """The mtft sampler's batches, collated by mtft's collator (task ids dropped for plain LM losses).
+    With `packing`, packed rows (position ids, no attention mask) of the same sampler's bins."""
+    collate = setup.collator(packing)
 
     def plain(rows: list[dict]) -> dict[str, torch.Tensor]:
         batch = collate(rows)
         batch.pop("task_ids")
         return batch
 
+    dataset = PackedRows(setup.data.train) if packing else setup.data.train
     return DataLoader(
-        setup.data.train, batch_sampler=setup.sampler(), collate_fn=collate if with_task_ids else plain
+        dataset, batch_sampler=setup.sampler(packing=packing), collate_fn=collate if with_task_ids else plain
     )
 
 
@@ -54,17 +61,17 @@ def _optimizer_and_schedule(model: torch.nn.Module, setup: Setup, steps: int) ->
     return optimizer, build_scheduler(optimizer, cfg)
 
 
-def run_bare(setup: Setup, steps: int, warmup: int) -> Timing:
+def run_bare(setup: Setup, steps: int, warmup: int, packing: bool = False) -> Timing:
     """The minimal loop: forward, token cross-entropy, backward, clip, AdamW step, LR schedule."""
     cfg = setup.cfg.trainer
     model = setup.model()
     optimizer, scheduler = _optimizer_and_schedule(model, setup, steps)
-    batches: Iterator[dict[str, torch.Tensor]] = iter(_loader(setup, with_task_ids=False))
+    batches: Iterator[dict[str, torch.Tensor]] = iter(_loader(setup, with_task_ids=True, packing=packing))
     model.train()
     stamps, tokens = [], []
     for _ in range(steps):
         batch = next(batches)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = model(**model_inputs(batch)).logits
         loss = F.cross_entropy(
             logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE_INDEX
         )
@@ -75,7 +82,7 @@ def run_bare(setup: Setup, steps: int, warmup: int) -> Timing:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         stamps.append(time.perf_counter())
-        tokens.append(int(batch["attention_mask"].sum()))
+        tokens.append(int(count_tokens(batch)))
     return Timing(stamps, tokens, warmup)
 
 
@@ -98,8 +105,10 @@ class _SameBatchesTrainer(HFTrainer):
         return self._loader_fn()
 
 
-def run_hf(setup: Setup, steps: int, warmup: int) -> Timing:
-    """transformers.Trainer with the same optimizer object, schedule, clipping and batches."""
+def run_hf(setup: Setup, steps: int, warmup: int, packing: bool = False) -> Timing:
+    """transformers.Trainer with the same optimizer object, schedule, clipping and batches. Packed
+    batches reach it as TRL's `padding_free` / `DataCollatorWithFlattening` batches do: position ids
+    restarting per example, no attention mask (the Trainer turns the model's KV cache off)."""
     cfg = setup.cfg.trainer
     model = setup.model()
     optimizer, scheduler = _optimizer_and_schedule(model, setup, steps)
@@ -125,22 +134,23 @@ def run_hf(setup: Setup, steps: int, warmup: int) -> Timing:
             args=args,
             optimizers=(optimizer, scheduler),
             callbacks=[clock],
-            loader_fn=lambda: _loader(setup, with_task_ids=False),
+            loader_fn=lambda: _loader(setup, with_task_ids=False, packing=packing),
         )
         trainer.remove_callback(PrinterCallback)  # it prints the final metrics dict
         trainer.train()
-    return Timing(clock.stamps, setup.step_tokens(steps), warmup)
+    return Timing(clock.stamps, setup.step_tokens(steps, packing=packing), warmup)
 
 
 def run_side(side: str, setup: Setup, steps: int, warmup: int) -> Timing:
-    if side == "bare":
-        return run_bare(setup, steps, warmup)
-    if side == "hf":
-        return run_hf(setup, steps, warmup)
-    if side == "mtft":
-        return run_mtft(setup, steps, warmup)
+    packing = side in PACKED
+    if side.startswith("bare"):
+        return run_bare(setup, steps, warmup, packing)
+    if side.startswith("hf"):
+        return run_hf(setup, steps, warmup, packing)
     if side == "mtft_grouped":
         return run_mtft(setup, steps, warmup, group_by_length=True)
+    if side.startswith("mtft"):
+        return run_mtft(setup, steps, warmup, packing=packing)
     raise ValueError(side)
 
 
@@ -155,17 +165,30 @@ def padding_waste(setup: Setup, batches: int, group_by_length: bool) -> dict[str
     return {"real_tokens": real, "padded_tokens": padded, "waste": 1 - real / padded}
 
 
+def packed_waste(setup: Setup) -> dict[str, float]:
+    """Share of the packed rows (of `data.max_length` tokens) that is padding, over one epoch of examples."""
+    it = iter(setup.sampler(packing=True))
+    real = rows = examples = 0
+    while examples < len(setup.lengths):
+        for row in next(it):
+            real += sum(setup.lengths[i] for i in row)
+            examples += len(row)
+            rows += 1
+    padded = rows * setup.cfg.data.max_length
+    return {"real_tokens": real, "padded_tokens": padded, "waste": 1 - real / padded, "rows": rows}
+
+
 def run(
     setup: Setup, reps: int, steps: int, warmup: int, log: Callable[[str], None] = print
 ) -> dict[str, Any]:
     """All sides, `reps` times in rotating order; medians and paired ratios."""
-    expected = setup.step_tokens(steps)
+    expected = {False: setup.step_tokens(steps), True: setup.step_tokens(steps, packing=True)}
     results: dict[str, list[dict[str, float]]] = {s: [] for s in SIDES}
     for rep in range(reps):
         order = SIDES[rep % len(SIDES) :] + SIDES[: rep % len(SIDES)]
         for side in order:
             t = run_side(side, setup, steps, warmup)
-            if side != "mtft_grouped" and t.tokens != expected:
+            if side != "mtft_grouped" and t.tokens != expected[side in PACKED]:
                 raise RuntimeError(f"{side} did not train on the same batches as the others")
             results[side].append(
                 {"tokens_per_s": t.tokens_per_s, "median_step_s": t.median_step_s, "seconds": t.seconds}
@@ -186,6 +209,11 @@ def run(
         ("hf", "bare"),
         ("mtft_grouped", "mtft"),
         ("mtft_grouped", "bare"),
+        ("mtft_packed", "mtft"),
+        ("mtft_packed", "mtft_grouped"),
+        ("mtft_packed", "bare_packed"),
+        ("mtft_packed", "hf_packed"),
+        ("hf_packed", "bare_packed"),
     ):
         summary["ratios"][f"{a}/{b}"] = median(
             [x["tokens_per_s"] / y["tokens_per_s"] for x, y in zip(results[a], results[b], strict=True)]
@@ -194,6 +222,7 @@ def run(
     summary["padding"] = {
         "plain": padding_waste(setup, epoch_batches, False),
         "grouped": padding_waste(setup, epoch_batches, True),
+        "packed": packed_waste(setup),
         "batches": epoch_batches,
     }
     return summary

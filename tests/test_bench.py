@@ -50,6 +50,7 @@ def test_throughput_and_overhead_run_and_render(setup: Setup, tmp_path: Path):
     assert all(math.isfinite(v) and v > 0 for v in tp["ratios"].values())
     # the same batches on every loop (run() checks it token by token), and grouping really cuts padding
     assert tp["padding"]["grouped"]["waste"] < 0.5 * tp["padding"]["plain"]["waste"]
+    assert tp["padding"]["packed"]["waste"] < 0.1 * tp["padding"]["plain"]["waste"]
     assert tp["padding"]["batches"] > 0
 
     oh = overhead.run(setup, (4,), reps=1, steps=2, warmup=1, log=lambda s: None)
@@ -89,9 +90,15 @@ def test_throughput_and_overhead_run_and_render(setup: Setup, tmp_path: Path):
     text = md.read_text()
     assert "old table" not in text and "prose kept" in text and "more prose" in text
     assert "| mtft |" in text and "padding waste" in text and "| 4 |" in text and "Lean LM head" in text
+    assert "| mtft, data.packing=true |" in text and "≥ 1.8x plain batches" in text
     assert text.count("<!-- bench:throughput -->") == 1 and "<!-- bench:targets -->" in text
     run.rewrite(md, run.render(results))
     assert md.read_text() == text  # idempotent: a second run replaces the same blocks
+
+
+def test_packed_quality_is_judged_against_the_noise_of_both_sides():
+    gap, noise = run.packed_vs_plain([6.00, 6.02, 6.04], [6.01, 6.03, 6.05])
+    assert math.isclose(gap, 0.01) and math.isclose(noise, 2 * (2 * 0.0004 / 3) ** 0.5)
 
 
 def test_data_pipeline_benchmark_runs_and_renders(setup: Setup):

@@ -109,6 +109,23 @@ def test_deepspeed_resume_continues_exactly(zero2: Path, run_mtft, mtft_env, tmp
     assert all(torch.equal(ours[name], theirs[name]) for name in theirs)
 
 
+@pytest.fixture(scope="module")
+def single_packed(run_mtft, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("dist") / "single_packed"
+    run_mtft("train", *COMMON, "data.packing=true", "trainer.batch_size=8", f"hydra.run.dir={run_dir}")
+    return run_dir
+
+
+@pytest.mark.parametrize("engine", [[], ["deepspeed=zero2"]], ids=["ddp", "zero2"])
+def test_packing_on_two_ranks_matches_one_process(single_packed: Path, run_mtft, tmp_path, engine) -> None:
+    """The packed rows' stream does not depend on the world size: 2 ranks x 4 rows train on the same
+    rows as 1 x 8, so the curves (CoBa's packed probe included) match the one-process run."""
+    run_dir = tmp_path / "packed"
+    args = [*COMMON, "data.packing=true", "trainer.batch_size=4", "logger.all_ranks=true", *engine]
+    run_mtft("train", *args, "distributed.nproc_per_node=2", f"hydra.run.dir={run_dir}")
+    assert_ranks_agree_and_match(run_dir, single_packed)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -118,6 +119,57 @@ def test_skipped_update_leaves_weights_untouched(tokenizer, tmp_path):
     b.fit()
     for pa, pb in zip(model_a.parameters(), model_b.parameters(), strict=True):
         assert torch.equal(pa, pb)
+
+
+@pytest.mark.parametrize("grad_accum", [1, 4])
+def test_micro_batches_read_nothing_back_to_the_host(tokenizer, tmp_path, monkeypatch, grad_accum):
+    """The loop's own host reads of tensors (item, tolist, bool, float, int) happen once per optimizer
+    step, whatever the accumulation: on a GPU each one would stall the launch queue."""
+    trainer, _ = make_trainer(tokenizer, tmp_path, nan_calls=set(), max_steps=1, grad_accum=grad_accum)
+    reads, counting = [], [False]
+
+    def counting_reads(name: str):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, **kwargs):
+            if counting[0]:
+                reads.append(name)
+            return original(self, *args, **kwargs)
+
+        return counted
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, counting_reads(name))
+    model_forward = trainer.model.forward
+
+    def forward(**kwargs):  # the model's own (transformers') code is not the loop's
+        counting[0] = False
+        try:
+            return model_forward(**kwargs)
+        finally:
+            counting[0] = True
+
+    def batches():  # nor is the data pipeline's, which reads CPU tensors in its own processes
+        while True:
+            counting[0] = False
+            batch = next(trainer.batches)
+            counting[0] = True
+            yield batch
+
+    monkeypatch.setattr(trainer.model, "forward", forward)
+    stats = trainer._accumulate(batches())
+    counting[0] = False
+    assert reads == ["tolist"]
+    assert stats.tokens > 0 and math.isfinite(stats.loss) and not stats.bad_tasks
+
+
+@pytest.mark.parametrize("nan_call", [1, 2])
+def test_a_nonfinite_micro_batch_skips_the_accumulated_update(tokenizer, tmp_path, nan_call):
+    trainer, model = make_trainer(tokenizer, tmp_path, nan_calls={nan_call}, max_steps=2, grad_accum=2)
+    before = [p.detach().clone() for p in model.parameters()]
+    stats = trainer._accumulate(trainer.batches)
+    assert stats.bad_tasks and trainer.backend.step(skip=bool(stats.bad_tasks))[0] is False
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
 def test_early_stopping_on_mean_validation_loss(tokenizer, tmp_path):

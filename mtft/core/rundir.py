@@ -42,7 +42,7 @@ class RunSetup:
     attention: str
     engine: str  # single process, DDP, DeepSpeed ZeRO-<stage>
     world_size: int
-    batch_size: int  # sequences per micro-batch per rank
+    batch_size: int  # sequences (packed rows with `packed`) per micro-batch per rank
     grad_accum: int
     global_batch: int  # sequences per optimizer step: batch_size x grad_accum x world_size
     global_batch_tokens: int  # expected tokens per step, at the mean training length
@@ -51,6 +51,7 @@ class RunSetup:
     scheduler: str
     warmup_steps: int
     max_steps: int
+    packed: bool = False  # data.packing: batch sizes count packed rows of several examples
 
 
 @dataclass

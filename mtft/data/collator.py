@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 import torch
 
 IGNORE_INDEX = -100
@@ -33,3 +36,23 @@ class TaskCollator:
             "labels": labels,
             "task_ids": task_ids,
         }
+
+    def batches(self, dataset: Any, rows: list[int], batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+        """`rows` of `dataset` in order, `batch_size` a batch (evaluation)."""
+        for i in range(0, len(rows), batch_size):
+            yield self(dataset.__getitems__(rows[i : i + batch_size]))
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The model's keyword arguments for a batch. A padded batch masks its padding; a packed one
+    (mtft.data.packing) passes position ids and no mask, from which transformers builds per-example
+    attention. No KV cache: it is useless in training, and with one transformers ignores packing."""
+    keys = ("input_ids", "position_ids") if "position_ids" in batch else ("input_ids", "attention_mask")
+    return {**{k: batch[k] for k in keys}, "use_cache": False}
+
+
+def count_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Non-padding tokens of a batch, padded (attention mask) or packed (per-token task ids, -1 on padding)."""
+    if "position_ids" in batch:
+        return (batch["task_ids"] >= 0).sum()
+    return batch["attention_mask"].sum()

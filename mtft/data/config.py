@@ -138,6 +138,12 @@ class DataConfig:
     # transformers' `group_by_length`), so batches pad less; deterministic and resumable as before.
     group_by_length: bool = False
     group_batches: int = 50
+    # Sequence packing: examples concatenated into rows of max_length tokens (first-fit-decreasing
+    # inside windows of `packing_window` examples), each example attending only to itself, per-task
+    # losses exact; trainer.batch_size then counts packed rows. An alternative to group_by_length.
+    packing: bool = False
+    packing_window: int = 1000
+    num_workers: int = 0  # DataLoader processes that collate training batches ahead of the loop
     # codetasks only: percent of functions (by hash of module path + qualified name) held out for validation.
     val_percent: int = 5
     split_salt: str = "mtft-codetasks-v1"
@@ -151,6 +157,10 @@ class DataConfig:
         at_least("data.num_proc", self.num_proc, 1)
         positive("data.temperature", self.temperature)
         at_least("data.group_batches", self.group_batches, 1)
+        at_least("data.packing_window", self.packing_window, 1)
+        at_least("data.num_workers", self.num_workers, 0)
+        if self.packing and self.group_by_length:
+            raise MtftError("data.packing and data.group_by_length are alternatives: set one")
         require(0 < self.val_percent < 100, "data.val_percent", "in 1..99", self.val_percent)
         self.tasks = task_configs(self.tasks)
         if self.source == DataSource.codetasks:

@@ -9,6 +9,12 @@ examples of similar length and pads less. The reordering is a function of the se
 position only, so determinism, the one-counter resume and rank sharding are unchanged, and it never
 moves an example across an epoch boundary, so proportional sampling still sees every example once
 per epoch.
+
+With `packing`, the unit of a batch is a packed row (a bin of examples, mtft.data.packing) instead
+of an example: each window of `packing_window` examples of the same stream is packed by
+first-fit-decreasing and its bins shuffled, both functions of the seed and the window's position,
+and rank r takes the r-th slice of every global batch of bins. The position is still one counter
+(global batches handed out), so packing resumes exactly too.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from typing import Any
 import torch
 
 from mtft.core.errors import MtftError
+from mtft.data.packing import first_fit_decreasing
 
 
 def sequence_lengths(dataset: Any) -> list[int]:
@@ -65,6 +72,9 @@ class MixtureSampler:
     `group_by_length=True` (needs `lengths`, one per example) sorts each window of `group_batches`
     global batches by length, longest first, then shuffles the order of the whole batches inside the
     window, so consecutive steps do not go from long to short.
+
+    `packing=True` (needs `lengths` and `max_length`) yields lists of bins: each micro-batch is
+    `batch_size` packed rows of at most `max_length` tokens.
     """
 
     def __init__(
@@ -80,6 +90,9 @@ class MixtureSampler:
         lengths: Sequence[int] | None = None,
         group_by_length: bool = False,
         group_batches: int = 50,
+        packing: bool = False,
+        max_length: int | None = None,
+        packing_window: int = 1000,
     ) -> None:
         self.task_ids = _long_tensor(task_ids)
         self.num_tasks = int(self.task_ids.max()) + 1
@@ -90,12 +103,15 @@ class MixtureSampler:
         self.batches_done = 0
         if group_by_length and lengths is None:
             raise MtftError("data.group_by_length needs the length of every example")
+        if packing and (lengths is None or max_length is None):
+            raise MtftError("data.packing needs the length of every example and data.max_length")
         if lengths is not None and len(lengths) != len(self.task_ids):
             raise MtftError(f"got {len(lengths)} lengths for {len(self.task_ids)} examples")
         if group_batches < 1:
             raise MtftError(f"data.group_batches must be >= 1, got {group_batches}")
         self.lengths = None if lengths is None else torch.as_tensor(lengths, dtype=torch.long)
         self.group_by_length, self.group_batches = group_by_length, group_batches
+        self.packing, self.max_length, self.packing_window = packing, max_length, packing_window
 
     def _generator(self, *key: int) -> torch.Generator:
         """A generator seeded from (seed, *key) by SHA-1, not Python's `hash`, whose value for a
@@ -136,56 +152,77 @@ class MixtureSampler:
             yield torch.tensor(out, dtype=torch.long)
             c += 1
 
-    def _grouped_stream(self) -> Iterator[torch.Tensor]:
-        """The global stream, each chunk reordered by length inside windows of `group_batches` batches.
+    def _windows(self, window: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """(stream position, indices) of the global stream cut into windows of `window` examples.
+        Windows sit at fixed stream positions (multiples of the window size) and are also cut at
+        chunk (epoch) boundaries, so an example never leaves its epoch."""
+        pos = 0  # stream position of the chunk's first element
+        for chunk in self._global_stream():
+            start, end = pos, pos + len(chunk)
+            while start < end:
+                stop = min(end, (start // window + 1) * window)
+                yield start, chunk[start - pos : stop - pos]
+                start = stop
+            pos = end
 
-        Windows sit at fixed stream positions (multiples of the window size) and are also cut at chunk
-        (epoch) boundaries, so an example never leaves its epoch. Inside a window: sort by length,
-        longest first (stable, so ties keep stream order), then permute the whole global batches
-        that lie entirely inside the window, with a generator keyed by the window's start position.
+    def _grouped_stream(self) -> Iterator[list[int]]:
+        """The global stream reordered by length inside windows of `group_batches` batches.
+
+        Inside a window: sort by length, longest first (stable, so ties keep stream order), then
+        permute the whole global batches that lie entirely inside the window, with a generator keyed
+        by the window's start position.
         """
         assert self.lengths is not None
         global_batch = self.batch_size * self.world_size
-        window = global_batch * self.group_batches
-        pos = 0  # stream position of the chunk's first element
-        for chunk in self._global_stream():
-            out = chunk.clone()
-            start = pos
-            end = pos + len(chunk)
-            while start < end:
-                stop = min(end, (start // window + 1) * window)
-                seg = chunk[start - pos : stop - pos]
-                order = torch.sort(self.lengths[seg], descending=True, stable=True).indices
-                seg = seg[order]
-                first = -(-start // global_batch)  # whole batches inside [start, stop)
-                last = stop // global_batch
-                if last - first > 1:
-                    perm = torch.randperm(last - first, generator=self._generator(3, start)) + first
-                    slots = torch.arange(global_batch)
-                    src = (perm[:, None] * global_batch + slots).flatten() - start
-                    dst = (torch.arange(first, last)[:, None] * global_batch + slots).flatten() - start
-                    seg[dst] = seg.clone()[src]
-                out[start - pos : stop - pos] = seg
-                start = stop
-            pos = end
-            yield out
+        for start, seg in self._windows(global_batch * self.group_batches):
+            stop = start + len(seg)
+            seg = seg[torch.sort(self.lengths[seg], descending=True, stable=True).indices]
+            first = -(-start // global_batch)  # whole batches inside [start, stop)
+            last = stop // global_batch
+            if last - first > 1:
+                perm = torch.randperm(last - first, generator=self._generator(3, start)) + first
+                slots = torch.arange(global_batch)
+                src = (perm[:, None] * global_batch + slots).flatten() - start
+                dst = (torch.arange(first, last)[:, None] * global_batch + slots).flatten() - start
+                seg[dst] = seg.clone()[src]
+            yield seg.tolist()
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def _packed_stream(self) -> Iterator[list[list[int]]]:
+        """Bins (packed rows) of the global stream: first-fit-decreasing into rows of `max_length`
+        tokens inside windows of `packing_window` examples, the window's bins in an order shuffled
+        by a generator keyed by its start position (so rows are not sorted by length)."""
+        assert self.lengths is not None and self.max_length is not None
+        for start, seg in self._windows(self.packing_window):
+            ids = seg.tolist()
+            bins = first_fit_decreasing(self.lengths[seg].tolist(), self.max_length)
+            order = torch.randperm(len(bins), generator=self._generator(4, start)).tolist()
+            yield [[ids[j] for j in bins[k]] for k in order]
+
+    def __iter__(self) -> Iterator[list[Any]]:
+        """This rank's micro-batches: example indices, or bins of them with `packing`."""
         global_batch = self.batch_size * self.world_size
         skip = self.batches_done * global_batch  # replay to the saved position
-        buffer = torch.empty(0, dtype=torch.long)
-        stream = self._grouped_stream() if self.group_by_length else self._global_stream()
+        if self.packing:
+            stream: Iterator[list[Any]] = self._packed_stream()
+        elif self.group_by_length:
+            stream = self._grouped_stream()
+        else:
+            stream = (chunk.tolist() for chunk in self._global_stream())
+        buffer: list[Any] = []
         for chunk in stream:
             if skip >= len(chunk):
                 skip -= len(chunk)
                 continue
-            buffer = torch.cat([buffer, chunk[skip:]])
+            buffer = buffer + chunk[skip:]
             skip = 0
-            while len(buffer) >= global_batch:
-                batch, buffer = buffer[:global_batch], buffer[global_batch:]
-                start = self.rank * self.batch_size
+            start = self.rank * self.batch_size
+            taken = 0
+            while len(buffer) - taken >= global_batch:
+                batch = buffer[taken : taken + global_batch]
+                taken += global_batch
                 self.batches_done += 1
-                yield batch[start : start + self.batch_size].tolist()
+                yield batch[start : start + self.batch_size]
+            buffer = buffer[taken:]
 
     def state_dict(self) -> dict[str, int]:
         return {"batches_done": self.batches_done}

@@ -100,6 +100,10 @@ class TorchBackend:
         if world_size() > 1:
             ids = [device.index] if device.type == "cuda" else None
             self.model = DistributedDataParallel(module, device_ids=ids)
+        if cfg.compile:
+            # In place (parameter names unchanged, so checkpoints and the saved model are as without);
+            # around DDP, so Dynamo splits graphs at DDP's gradient buckets.
+            self.model.compile()
         self.optimizer = build_optimizer(module, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.autocast = autocast_for(cfg.precision, device)

@@ -59,6 +59,8 @@ class TrainerConfig:
     early_stopping_min_delta: float = 0.0  # the least drop of the mean validation loss that counts
     # Recompute activations in the backward pass (non-reentrant): less memory, ~30% more compute.
     gradient_checkpointing: bool = False
+    # torch.compile the model (TorchDynamo + Inductor; the first steps compile). Not with DeepSpeed.
+    compile: bool = False
 
     def __post_init__(self) -> None:
         self.scheduler = choice("trainer.scheduler", Scheduler, self.scheduler)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 
 import torch
 
 from mtft.core.dist import all_reduce_sum
+from mtft.data.collator import TaskCollator
 from mtft.data.mixture import TokenizedMixture
+from mtft.data.packing import PackedCollator
 from mtft.engine.forward import task_token_loss
 
 
@@ -23,29 +25,25 @@ def random_eval_rows(data: TokenizedMixture, n: int, generator: torch.Generator)
     return torch.randint(total, (n,), generator=generator).tolist()
 
 
-def _batches(rows: list[int], batch_size: int) -> Iterator[list[int]]:
-    for i in range(0, len(rows), batch_size):
-        yield rows[i : i + batch_size]
-
-
 @torch.no_grad()
 def task_losses(
     model: torch.nn.Module,
     data: TokenizedMixture,
     rows: list[int],
-    collate: Callable[[list[dict]], dict[str, torch.Tensor]],
+    collator: TaskCollator | PackedCollator,
     batch_size: int,
     device: torch.device,
     autocast: Callable[[], AbstractContextManager],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean token loss per task over `rows` of the validation set, and which tasks had tokens."""
+    """Mean token loss per task over `rows` of the validation set, and which tasks had tokens.
+    Batches of `batch_size` rows, packed rows with a PackedCollator."""
     num_tasks = len(data.tasks)
     sums = torch.zeros(num_tasks, device=device)
     counts = torch.zeros(num_tasks, device=device)
     was_training = model.training
     model.eval()
-    for chunk in _batches(rows, batch_size):
-        batch = {k: v.to(device) for k, v in collate(data.validation.__getitems__(chunk)).items()}
+    for batch in collator.batches(data.validation, rows, batch_size):
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with autocast():
             s, c = task_token_loss(model, batch, num_tasks)
         sums += s

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from mtft.data.collator import model_inputs
 from mtft.engine.loss import scored_positions, scored_token_loss
 
 # Causal LMs whose forward is `lm_head(slice_logits_to_keep(hidden, logits_to_keep))` followed only by
@@ -30,7 +31,6 @@ from mtft.engine.loss import scored_positions, scored_token_loss
 LEAN_MODEL_TYPES = frozenset(
     {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2", "gpt_neox", "starcoder2"}
 )
-MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")  # what a batch passes to the model
 
 
 def task_token_loss(
@@ -41,7 +41,7 @@ def task_token_loss(
     `lean=None` uses the lean head where `supports_lean_head(model)`; False forces the full forward.
     Differentiable when called with gradients enabled.
     """
-    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    inputs = model_inputs(batch)
     scored = scored_positions(batch["labels"])
     if lean is None:
         lean = supports_lean_head(model)

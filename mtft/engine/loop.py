@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 
 from mtft.balancers.base import Balancer, TaskLosses
 from mtft.core.dist import all_reduce_sum, rank, world_size
 from mtft.core.errors import Interrupted, MtftError
-from mtft.data.collator import TaskCollator
+from mtft.data.collator import TaskCollator, count_tokens
+from mtft.data.loader import TrainBatches
 from mtft.data.mixture import TokenizedMixture
+from mtft.data.packing import PackedCollator
 from mtft.data.sampler import MixtureSampler
 from mtft.engine.backend import Backend
 from mtft.engine.checkpoint import Checkpointer, RngState
@@ -131,13 +132,14 @@ class Trainer:
         cfg: TrainerConfig,
         backend: Backend,
         data: TokenizedMixture,
-        collator: TaskCollator,
+        collator: TaskCollator | PackedCollator,
         sampler: MixtureSampler,
         balancer: Balancer,
         tracker: Tracker,
         run_dir: Path,
         seed: int = 0,
         config: dict[str, Any] | None = None,  # recorded with each checkpoint (mtft.recipe.resume)
+        num_workers: int = 0,  # DataLoader processes collating training batches (data.num_workers)
     ) -> None:
         self.cfg, self.backend, self.data, self.collator = cfg, backend, data, collator
         self.sampler, self.balancer, self.tracker = sampler, balancer, tracker
@@ -145,6 +147,10 @@ class Trainer:
         self.model, self.module, self.device = backend.model, backend.module, backend.device
         self.tasks = data.tasks
         self.autocast = backend.autocast
+        self.batches = TrainBatches(data.train, sampler, collator, num_workers, self.device.type == "cuda")
+        # A balancer whose `combine` is the base class's has no state to protect from a NaN loss, so
+        # its micro-batches need no host check (FAMO and GradNorm read their losses on the host anyway).
+        self._guard_combine = type(balancer).combine is not Balancer.combine
         self.eval_rows = fixed_eval_rows(data, cfg.eval_batches * cfg.eval_batch_size)
         self.result, self.progress = TrainResult(), Progress()
         # Draws the probe batches of balancers that validate as they train (CoBa).
@@ -154,7 +160,7 @@ class Trainer:
             shared={
                 "backend": backend,
                 "balancer": balancer,
-                "sampler": sampler,
+                "sampler": self.batches,
                 "result": self.result,
                 "progress": self.progress,
             },
@@ -184,7 +190,7 @@ class Trainer:
 
     def _forward(self, batch: dict[str, torch.Tensor]) -> tuple[TaskLosses, torch.Tensor, torch.Tensor]:
         """Per-task losses of one micro-batch, reduced over ranks so every rank sees the same values."""
-        batch = {k: v.to(self.device) for k, v in batch.items()}
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         parts = None
         with self.autocast():
             if self.balancer.per_task_rows:
@@ -203,9 +209,6 @@ class Trainer:
         cfg, backend, balancer = self.cfg, self.backend, self.balancer
         result, progress = self.result, self.progress
         balancer.setup(self.module)
-        # Made before any RNG state is restored (making it draws from torch's RNG); the sampler's
-        # position is read at the first batch, so a restored sampler still applies.
-        batches = iter(DataLoader(self.data.train, batch_sampler=self.sampler, collate_fn=self.collator))
         if resume_from is None:
             first_step = 1
             initial = self.evaluate(0)
@@ -220,7 +223,7 @@ class Trainer:
             for step in range(first_step, cfg.max_steps + 1):
                 t0 = time.perf_counter()
                 weights = balancer.weights()
-                stats = self._accumulate(batches)
+                stats = self._accumulate(self.batches)
                 applied, grad_norm = backend.step(skip=bool(stats.bad_tasks) or not math.isfinite(stats.loss))
                 if applied:
                     progress.streak = 0
@@ -252,32 +255,36 @@ class Trainer:
         return result
 
     def _accumulate(self, batches: Iterator[dict[str, torch.Tensor]]) -> StepStats:
-        """Forward and backward over `grad_accum` micro-batches. After a non-finite task loss the
-        update will be skipped, and the balancer never sees a NaN."""
-        T = len(self.tasks)
-        stats = StepStats(torch.zeros(T, device=self.device), torch.zeros(T, device=self.device))
+        """Forward and backward over `grad_accum` micro-batches. Losses, token counts and non-finite
+        flags stay on the device and are read once, after the last micro-batch: no host sync in
+        between stalls a GPU's queue. After a non-finite task loss the update is skipped, and the
+        balancer never sees a NaN (a base-class `combine` keeps no state, so it may compute one)."""
+        T, device = len(self.tasks), self.device
+        stats = StepStats(torch.zeros(T, device=device), torch.zeros(T, device=device))
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # this rank's share
+        nonfinite = torch.zeros(T, dtype=torch.bool, device=device)
+        tokens = torch.zeros((), dtype=torch.long)  # counted on the host, where the batches are
         for micro in range(self.cfg.grad_accum):
             stats.last_batch = next(batches)
+            tokens += count_tokens(stats.last_batch)
             with self.backend.accumulating(last=micro == self.cfg.grad_accum - 1):
                 losses, sums, counts = self._forward(stats.last_batch)
                 stats.sums += sums
                 stats.counts += counts
-                stats.tokens += int(all_reduce_sum(stats.last_batch["attention_mask"].sum()).item())
-                values, present = losses.mean.tolist(), losses.present.tolist()
-                stats.bad_tasks |= {
-                    t
-                    for t, v, p in zip(self.tasks, values, present, strict=True)
-                    if p and not math.isfinite(v)
-                }
-                if stats.bad_tasks:
+                nonfinite |= losses.present & ~torch.isfinite(losses.mean)
+                if self._guard_combine and bool(nonfinite.any()):
                     # The balancer never sees it; the plain sum keeps every engine's bookkeeping in
                     # step and makes the gradient non-finite, so the update is skipped everywhere.
                     loss = losses.local.sum()
                 else:
                     loss = self.balancer.combine(losses)
-                    # The job's combined loss, not this rank's share of it.
-                    stats.loss += all_reduce_sum(loss).item() / self.cfg.grad_accum
+                    loss_sum += loss.detach()
                 self.backend.backward(loss * world_size() / self.cfg.grad_accum)
+        # The step's one host sync: the job's combined loss and tokens, and which tasks were non-finite.
+        totals = all_reduce_sum(torch.stack([loss_sum, tokens.to(device, torch.float64)]))
+        loss, total_tokens, *bad = torch.cat([totals, nonfinite.double()]).tolist()
+        stats.loss, stats.tokens = loss / self.cfg.grad_accum, int(total_tokens)
+        stats.bad_tasks = {t for t, b in zip(self.tasks, bad, strict=True) if b}
         return stats
 
     def _observe(self, step: int, stats: StepStats) -> None:

@@ -42,7 +42,8 @@ def per_task_token_loss(
 
     The mean loss of task i is `sums[i] / counts[i]`: a token mean over all unmasked tokens of task
     i's sequences. Returning sums and counts (not means) lets ranks and micro-batches be added exactly.
-    Only learned positions go through the softmax: prompt and padding cost nothing here.
+    Only learned positions go through the softmax: prompt and padding cost nothing here. `task_ids`
+    is per row `(batch,)`, or per token `(batch, length)` for packed rows holding several examples.
     """
     scored = scored_positions(labels)
     return scored_token_loss(logits[scored], labels, task_ids, scored, num_tasks)

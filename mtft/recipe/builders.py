@@ -23,6 +23,7 @@ from mtft.core.errors import MtftError
 from mtft.core.rundir import METRICS, rank_metrics
 from mtft.data.collator import TaskCollator
 from mtft.data.mixture import Mixture, TokenizedMixture, build_mixture, tokenize_mixture
+from mtft.data.packing import PackedCollator
 from mtft.data.sampler import MixtureSampler
 from mtft.data.templates import resolve_template
 from mtft.engine.backend import Backend, DeepSpeedBackend, TorchBackend
@@ -34,6 +35,7 @@ from mtft.loggers.jsonl import JsonlSink
 from mtft.models.adapters import apply_peft
 from mtft.models.config import PromptFormat
 from mtft.models.loading import load_model, load_tokenizer, resolve_path
+from mtft.models.packing import check_packed_attention
 from mtft.recipe.config import TrainConfig
 from mtft.recipe.resume import run_record
 
@@ -100,6 +102,8 @@ def build_model(cfg: TrainConfig, path: str, device: torch.device) -> torch.nn.M
         raise MtftError(
             f"data.max_length={cfg.data.max_length} exceeds the model's context ({context} tokens)"
         )
+    if cfg.data.packing:
+        check_packed_attention(model)
     log.info("model: %s (%.2fM parameters) from %s", type(model).__name__, model.num_parameters() / 1e6, path)
     return model
 
@@ -113,7 +117,8 @@ def build_backend(cfg: TrainConfig, model: torch.nn.Module, device: torch.device
 
 def build_sampler(cfg: TrainConfig, task_ids: list[int], lengths: list[int] | None = None) -> MixtureSampler:
     """This rank's share of the task mixture's batches. `lengths` (of every training example) are
-    needed only with `data.group_by_length`; `task_ids` may relabel the examples (bench's synthetic tasks)."""
+    needed only with `data.group_by_length` or `data.packing`; `task_ids` may relabel the examples
+    (bench's synthetic tasks)."""
     return MixtureSampler(
         task_ids,
         cfg.trainer.batch_size,
@@ -122,10 +127,20 @@ def build_sampler(cfg: TrainConfig, task_ids: list[int], lengths: list[int] | No
         seed=cfg.seed,
         rank=rank(),
         world_size=world_size(),
-        lengths=lengths if cfg.data.group_by_length else None,
+        lengths=lengths if cfg.data.group_by_length or cfg.data.packing else None,
         group_by_length=cfg.data.group_by_length,
         group_batches=cfg.data.group_batches,
+        packing=cfg.data.packing,
+        max_length=cfg.data.max_length,
+        packing_window=cfg.data.packing_window,
     )
+
+
+def build_collator(cfg: TrainConfig, pad_token_id: int) -> TaskCollator | PackedCollator:
+    """Padded batches of whole examples, or packed rows with `data.packing`."""
+    if cfg.data.packing:
+        return PackedCollator(pad_token_id, cfg.data.max_length)
+    return TaskCollator(pad_token_id)
 
 
 def build_sinks(cfg: TrainConfig, run_dir: Path, tasks: list[str]) -> list[Sink]:
@@ -167,7 +182,7 @@ def build_trainer(
     run_dir: Path,
 ) -> Trainer:
     """The loop over all of the above; it also checkpoints and restores them."""
-    collator = TaskCollator(data.tokenizer.pad_token_id)
+    collator = build_collator(cfg, data.tokenizer.pad_token_id)
     return Trainer(
         cfg.trainer,
         backend,
@@ -179,4 +194,5 @@ def build_trainer(
         run_dir,
         cfg.seed,
         config=run_record(cfg),
+        num_workers=cfg.data.num_workers,
     )

@@ -16,6 +16,7 @@ import yaml
 
 from mtft.core.dist import world_size
 from mtft.core.rundir import RunSetup
+from mtft.data.packing import first_fit_decreasing
 from mtft.engine.backend import Backend, trainable
 from mtft.engine.precision import dtype_name, main_dtype
 from mtft.recipe.config import TrainConfig, conf_dir
@@ -66,6 +67,9 @@ def run_setup(cfg: TrainConfig, backend: Backend, counts: tuple[int, int], lengt
     engine = backend.describe()
     global_batch = t.batch_size * t.grad_accum * world_size()
     mean_length = statistics.fmean(lengths) if lengths else 0.0
+    if cfg.data.packing and lengths:  # tokens per packed row, on a sample spread over the mixture
+        sample = lengths[:: max(1, len(lengths) // cfg.data.packing_window)]
+        mean_length = sum(sample) / len(first_fit_decreasing(sample, cfg.data.max_length))
     attention = getattr(getattr(module, "config", None), "_attn_implementation", None)
     return RunSetup(
         parameters=counts[1],
@@ -85,6 +89,7 @@ def run_setup(cfg: TrainConfig, backend: Backend, counts: tuple[int, int], lengt
         scheduler=str(t.scheduler),
         warmup_steps=t.warmup_steps,
         max_steps=t.max_steps,
+        packed=cfg.data.packing,
     )
 
 
@@ -97,7 +102,7 @@ def setup_block(s: RunSetup) -> str:
             f"compute {s.compute_dtype}; optimizer states {s.optimizer_state_dtype}; attention {s.attention}",
             f"  engine: {s.engine}, world size {s.world_size}",
             f"  global batch: {s.batch_size} x {s.grad_accum} accumulation x {s.world_size} rank(s) = "
-            f"{s.global_batch} sequences, ~{s.global_batch_tokens:,} tokens (at most {s.global_batch_max_tokens:,})",
+            f"{s.global_batch} {'packed rows' if s.packed else 'sequences'}, ~{s.global_batch_tokens:,} tokens (at most {s.global_batch_max_tokens:,})",
             f"  lr {s.lr:g} peak, {s.scheduler} schedule, {s.warmup_steps} warm-up steps of {s.max_steps:,}",
         ]
     )

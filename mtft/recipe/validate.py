@@ -33,6 +33,11 @@ def validate(cfg: TrainConfig) -> None:
             "trainer.pure_bf16=true applies to the plain PyTorch engine; DeepSpeed keeps its own float32 "
             "master weights (drop trainer.pure_bf16, or use deepspeed=none)"
         )
+    if cfg.deepspeed is not None and cfg.trainer.compile:
+        raise MtftError(
+            "trainer.compile=true applies to the plain PyTorch engine (one process or DDP); DeepSpeed "
+            "wraps the model in its own engine (drop trainer.compile, or use deepspeed=none)"
+        )
     check_tasks = getattr(cfg.balancer, "check_tasks", None)
     if check_tasks is not None:
         check_tasks(list(cfg.data.tasks))
