@@ -47,7 +47,8 @@ class Data:
     mixture: TokenizedMixture
     tokenizer: PreTrainedTokenizerBase
     model_path: str  # resolved: the embedded model is built into the cache on first use
-    conversations: Mixture | None = None  # what was tokenized, as read (for `mtft data preview`)
+    conversations: Mixture | None = None  # what was tokenized, as read (`mtft data preview`, `mtft eval`)
+    template: str | None = None  # the chat template's source; None: plain prompt + response
 
     @property
     def tasks(self) -> list[str]:
@@ -80,7 +81,7 @@ def build_data(cfg: TrainConfig) -> Data:
             for i, t in enumerate(data.tasks)
         ),
     )
-    return Data(data, tokenizer, path, mixture)
+    return Data(data, tokenizer, path, mixture, template)
 
 
 def build_balancer(cfg: Any, tasks: list[str]) -> Balancer:
@@ -168,6 +169,11 @@ def build_trainer(
 ) -> Trainer:
     """The loop over all of the above; it also checkpoints and restores them."""
     collator = TaskCollator(data.tokenizer.pad_token_id)
+    on_step = None
+    if cfg.trainer.sample_interval is not None:
+        from mtft.eval.samples import TrainingSamples
+
+        on_step = TrainingSamples(cfg, data, backend.module, tracker, run_dir, backend.autocast)
     return Trainer(
         cfg.trainer,
         backend,
@@ -179,4 +185,5 @@ def build_trainer(
         run_dir,
         cfg.seed,
         config=run_record(cfg),
+        on_step=on_step,
     )

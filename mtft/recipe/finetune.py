@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import datasets
 import transformers
@@ -13,10 +14,12 @@ from transformers import set_seed
 from mtft.core.dist import barrier, device_for_rank, rank, rank_zero_first
 from mtft.core.rundir import MODEL, RunSetup, Summary
 from mtft.data.sampler import sequence_lengths
+from mtft.engine.backend import Backend
 from mtft.engine.loop import TrainResult, peak_rss_mb
-from mtft.loggers.console import print_final_table
+from mtft.loggers.console import CONSOLE, print_final_table
 from mtft.models.adapters import count_parameters
 from mtft.recipe.builders import (
+    Data,
     build_backend,
     build_balancer,
     build_data,
@@ -66,11 +69,25 @@ def train(cfg: TrainConfig, run_dir: Path, resume_from: Path | None) -> Summary:
         backend.save_pretrained(run_dir / MODEL)
         if rank() == 0:
             data.tokenizer.save_pretrained(run_dir / MODEL)
+    evaluation = evaluate_at_end(cfg, backend, data, run_dir) if cfg.trainer.eval_at_end else None
     summary = summarize(result, data.tasks, cfg.balancer.name, cfg.seed, time.perf_counter() - start, setup)
+    summary.eval = evaluation
     if rank() == 0:
         summary.write(run_dir)
         print_final_table(summary, run_dir)
     return summary
+
+
+def evaluate_at_end(cfg: TrainConfig, backend: Backend, data: Data, run_dir: Path) -> dict[str, Any]:
+    """trainer.eval_at_end: `mtft eval` of the final model in this process (every rank takes its share);
+    eval.json and eval_samples.jsonl go into the run dir, the results into summary.json."""
+    from mtft.eval.evaluate import eval_table, evaluate, write_eval
+
+    result, samples = evaluate(backend.module, data, cfg, str(run_dir / MODEL), backend.autocast)
+    if rank() == 0:
+        write_eval(run_dir, result, samples)
+        CONSOLE.print(eval_table(result), width=None if CONSOLE.is_terminal else 160)
+    return result
 
 
 def summarize(
