@@ -33,7 +33,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--task", action="append", help="evaluate only this task (repeatable)")
     parser.add_argument("-o", "--out", type=Path, metavar="DIR", help="output dir (default: the run dir)")
     parser.add_argument("--config-dir", type=Path, help="your config dir, for a model dir or Hub id")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 

@@ -71,7 +71,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--top-p", type=float, help="nucleus sampling (default: eval.top_p)")
     parser.add_argument("--max-new-tokens", type=int, help="default: eval.max_new_tokens")
     parser.add_argument("--seed", type=int, help="for sampling (default: eval.seed)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
