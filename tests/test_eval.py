@@ -311,3 +311,15 @@ def test_sampling_and_eval_at_end_refuse_zero3():
         validate(compose_train(["deepspeed=zero3", "trainer.eval_at_end=true"]))
     with pytest.raises(MtftError, match="eval.top_p"):
         EvalConfig(top_p=0)
+
+
+@pytest.mark.slow
+def test_eval_on_two_processes_shards_and_gives_the_same_results(run_mtft, tiny_run, tmp_path):
+    for name, extra in (("one", []), ("two", ["distributed.nproc_per_node=2"])):
+        run_mtft("eval", str(tiny_run), *QUICK, *extra, "-o", str(tmp_path / name))
+    one, two = (json.loads((tmp_path / n / "eval.json").read_text()) for n in ("one", "two"))
+    for task in TASKS:
+        assert one["tasks"][task]["loss"] == pytest.approx(two["tasks"][task]["loss"], rel=1e-5)
+        assert one["tasks"][task]["metrics"] == two["tasks"][task]["metrics"]
+    samples = [(tmp_path / n / "eval_samples.jsonl").read_text() for n in ("one", "two")]
+    assert samples[0] == samples[1] and len(samples[0].splitlines()) == 12
