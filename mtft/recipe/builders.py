@@ -8,7 +8,7 @@ so what they exercise is what `mtft train` runs.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -166,14 +166,11 @@ def build_trainer(
     balancer: Balancer,
     tracker: Tracker,
     run_dir: Path,
+    on_step: Callable[[int], None] | None = None,
 ) -> Trainer:
-    """The loop over all of the above; it also checkpoints and restores them."""
+    """The loop over all of the above; it also checkpoints and restores them. `on_step(step)` runs
+    after each step (trainer.sample_interval)."""
     collator = TaskCollator(data.tokenizer.pad_token_id)
-    on_step = None
-    if cfg.trainer.sample_interval is not None:
-        from mtft.eval.samples import TrainingSamples
-
-        on_step = TrainingSamples(cfg, data, backend.module, tracker, run_dir, backend.autocast)
     return Trainer(
         cfg.trainer,
         backend,

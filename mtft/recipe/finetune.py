@@ -59,7 +59,12 @@ def train(cfg: TrainConfig, run_dir: Path, resume_from: Path | None) -> Summary:
         log.info(setup_block(setup))
     sampler = build_sampler(cfg, data.mixture.train_task_ids, lengths)
     tracker = build_tracker(cfg, run_dir, data.tasks)
-    trainer = build_trainer(cfg, backend, data, sampler, balancer, tracker, run_dir)
+    on_step = None
+    if cfg.trainer.sample_interval is not None:
+        from mtft.eval.samples import TrainingSamples
+
+        on_step = TrainingSamples(cfg, data, backend.module, tracker, run_dir, backend.autocast)
+    trainer = build_trainer(cfg, backend, data, sampler, balancer, tracker, run_dir, on_step)
     try:
         result = trainer.fit(resume_from)
     finally:
