@@ -129,6 +129,13 @@ class TaskConfig:
         from mtft.eval.metrics import Metric
 
         self.metrics = [choice(f"data.tasks.{name}.metrics", Metric, m) for m in self.metrics]
+        text = self.format == Format.text
+        require(
+            not (text and self.metrics),
+            f"data.tasks.{name}.metrics",
+            "empty with format text (no answer)",
+            [str(m) for m in self.metrics],
+        )
 
 
 @dataclass

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig
 
+from mtft.core.errors import MtftError
 from mtft.data.encode import Encoder
 from mtft.eval.config import EvalConfig
 
@@ -30,6 +31,11 @@ def conversation_prompts(encoder: Encoder, conversations: Sequence[dict]) -> lis
     """One prompt per conversation (rows with `roles` and `contents`, ending with an assistant turn)."""
     out = []
     for row in conversations:
+        if row["roles"][-1] != "assistant":
+            raise MtftError(
+                "a task of plain text records has no prompt and answer to generate: drop its metrics "
+                "(mtft eval still reports its loss and perplexity)"
+            )
         ids, end = encoder.prompt(row["roles"], row["contents"])
         out.append(Prompt(ids, row["contents"][-1], end))
     return out

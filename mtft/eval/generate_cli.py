@@ -39,19 +39,15 @@ def read_prompts(path: Path) -> list[str]:
     return prompts
 
 
-def _common_prefix(texts: list[str]) -> str:
-    return os.path.commonprefix(texts)
-
-
 def task_frame(conversations) -> tuple[str | None, str, str]:
     """(shared system prompt or None, text before, text after the variable part) of a task's prompts,
     cut at line boundaries so no part of an example's own first or last line is kept."""
     rows = conversations.select(range(min(len(conversations), 200)))
     users = [row["contents"][row["roles"].index("user")] for row in rows if "user" in row["roles"]]
     systems = {row["contents"][0] if row["roles"][0] == "system" else None for row in rows}
-    prefix = _common_prefix(users)
+    prefix = os.path.commonprefix(users)
     prefix = prefix[: prefix.rfind("\n") + 1]
-    suffix = _common_prefix([u[len(prefix) :][::-1] for u in users])[::-1]
+    suffix = os.path.commonprefix([u[len(prefix) :][::-1] for u in users])[::-1]
     suffix = suffix[suffix.find("\n") :] if "\n" in suffix else ""
     return (systems.pop() if len(systems) == 1 else None), prefix, suffix
 

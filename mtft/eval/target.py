@@ -62,6 +62,8 @@ def resolve_target(target: str, overrides: list[str], config_dir: Path | None = 
         model, cfg = None, compose(overrides, config_dir)
     cfg.model.name_or_path = str(model) if model is not None else target
     cfg.model.build = None
+    if model is None or not (model / ADAPTER).is_file():
+        cfg.peft = None  # a full model (a merged export of a LoRA run too) loads as it is
     validate(cfg)
     return Target(cfg, str(path if model is not None else target), run_dir)
 

@@ -88,7 +88,7 @@ def evaluate_at_end(cfg: TrainConfig, backend: Backend, data: Data, run_dir: Pat
     eval.json and eval_samples.jsonl go into the run dir, the results into summary.json."""
     from mtft.eval.evaluate import eval_table, evaluate, write_eval
 
-    result, samples = evaluate(backend.module, data, cfg, str(run_dir / MODEL), backend.autocast)
+    result, samples = evaluate(backend.module, data, cfg, f"final model of {run_dir}", backend.autocast)
     if rank() == 0:
         write_eval(run_dir, result, samples)
         CONSOLE.print(eval_table(result), width=None if CONSOLE.is_terminal else 160)
