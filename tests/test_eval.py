@@ -9,7 +9,7 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mtft.data.collator import IGNORE_INDEX
-from mtft.data.config import TrainOn
+from mtft.data.config import TaskConfig, TrainOn
 from mtft.data.encode import Encoder
 from mtft.data.templates import CHATML, PLAIN
 from mtft.eval.config import EvalConfig
@@ -179,6 +179,8 @@ def test_unknown_metric_in_the_train_config_lists_the_options():
     with pytest.raises(Exception, match=r"metrics must be one of \[exact_match, rouge_l, chrf, bleu\]"):
         compose_train(["data.tasks.function_naming.metrics=[accuracy]"])
     assert compose_train([]).data.tasks["function_naming"].metrics == ["exact_match"]
+    with pytest.raises(Exception, match=r"data.tasks.notes.metrics must be empty with format text"):
+        TaskConfig(train=["x.jsonl"], format="text", metrics=["bleu"]).check("notes")
 
 
 # --- mtft generate -----------------------------------------------------------------------------
