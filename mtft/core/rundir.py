@@ -5,7 +5,8 @@ summary.json          a `Summary`, written when it ends    checkpoints/    step-
 model/                the final model (or adapter)         train.log       the console log
 run.lock              locked while a run uses the dir (see mtft.launch.claim)
 eval.json             `mtft eval` (or trainer.eval_at_end): per-task loss, perplexity, generation metrics
-eval_samples.jsonl    prompt, reference, prediction per evaluated example   samples.jsonl   trainer.sample_interval
+eval_samples.jsonl    prompt, reference and prediction of each evaluated example
+samples.jsonl         trainer.sample_interval: answers to fixed validation prompts during training
 """
 
 from __future__ import annotations

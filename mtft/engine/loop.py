@@ -139,8 +139,8 @@ class Trainer:
         run_dir: Path,
         seed: int = 0,
         config: dict[str, Any] | None = None,  # recorded with each checkpoint (mtft.recipe.resume)
-        on_step: Callable[[int], None]
-        | None = None,  # after each step's evaluation (trainer.sample_interval)
+        # Called after each step and its evaluation (trainer.sample_interval's generation).
+        on_step: Callable[[int], None] | None = None,
     ) -> None:
         self.cfg, self.backend, self.data, self.collator = cfg, backend, data, collator
         self.sampler, self.balancer, self.tracker = sampler, balancer, tracker

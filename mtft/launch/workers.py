@@ -19,7 +19,7 @@ from typing import Any
 from mtft.core.errors import Interrupted, MtftError
 from mtft.core.rundir import CHECKPOINTS, LAUNCH_CONFIG
 from mtft.launch.config import DistributedConfig
-from mtft.recipe.config import TrainConfig, load_config
+from mtft.recipe.config import TrainConfig
 
 log = logging.getLogger("mtft")
 
@@ -102,8 +102,3 @@ def launch_command(dist: DistributedConfig, args: list[str], name: str) -> None:
         raise MtftError(
             f"worker process(es) failed with exit code(s) {codes}; see their messages above"
         ) from None
-
-
-def load_launch_config(path: Path) -> TrainConfig:
-    """The resolved config a parent wrote, checked against the schema again."""
-    return load_config(path)

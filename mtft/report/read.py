@@ -179,8 +179,7 @@ def load_run(run_dir: Path, warnings: list[str]) -> Run | None:
         elif r["split"] == "train" and task in val and isinstance(r.get("weight"), int | float):
             weights.setdefault(int(r["step"]), {})[task] = float(r["weight"])
     initial = summary.get("initial_val_loss") or {t: val[t].get(0) for t in tasks}
-    evaluation = _read_json(run_dir / EVAL, warnings) if (run_dir / EVAL).exists() else None
-    evaluation = evaluation or summary.get("eval") or {}
+    evaluation = _read_eval(run_dir, warnings) or summary.get("eval") or {}
     seed = summary.get("seed", config.get("seed"))
     return Run(
         path=run_dir,
@@ -198,6 +197,18 @@ def load_run(run_dir: Path, warnings: list[str]) -> Run | None:
         eval=_eval_metrics(evaluation, tasks),
         eval_score=_per_task({"mean": evaluation.get("mean_score")}, ["mean"])["mean"],
     )
+
+
+def _read_eval(run_dir: Path, warnings: list[str]) -> dict[str, Any] | None:
+    path = run_dir / EVAL
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        warnings.append(f"{path}: unreadable ({e}); the run's eval columns are left empty")
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def _eval_metrics(evaluation: dict[str, Any], tasks: list[str]) -> dict[str, dict[str, float]]:
