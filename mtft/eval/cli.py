@@ -69,10 +69,9 @@ def run(target: Target, out: Path, tasks: list[str] | None) -> None:
     """Build the data and model, evaluate (this rank's share), and on rank 0 write and print."""
     import datasets
     import transformers
-    from rich.console import Console
 
     from mtft.core.dist import device_for_rank, rank, rank_zero_first
-    from mtft.eval.evaluate import eval_table, evaluate, write_eval
+    from mtft.eval.evaluate import evaluate, print_table, write_eval
     from mtft.eval.target import load_eval_model
     from mtft.launch.process_group import join_process_group
     from mtft.recipe.builders import build_data
@@ -93,5 +92,5 @@ def run(target: Target, out: Path, tasks: list[str] | None) -> None:
     result, samples = evaluate(model, data, cfg, target.label, tasks=tasks)
     if rank() == 0:
         files = write_eval(out, result, samples)
-        Console(width=None if sys.stdout.isatty() else 160).print(eval_table(result))
+        print_table(result)
         print("wrote " + ", ".join(map(str, files)), file=sys.stderr)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.console import Console
 from rich.table import Table
 
 from mtft.core.dist import gather_shards, rank, world_size
@@ -128,6 +129,12 @@ def write_eval(out_dir: Path, result: dict[str, Any], samples: list[dict[str, An
     with open(out_dir / EVAL_SAMPLES, "w", encoding="utf-8") as fh:
         fh.writelines(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
     return [out_dir / EVAL, out_dir / EVAL_SAMPLES]
+
+
+def print_table(result: dict[str, Any], stderr: bool = False) -> None:
+    """The table on stdout (or stderr); off a terminal 160 columns wide, so no task name is cut."""
+    console = Console(stderr=stderr)
+    (console if console.is_terminal else Console(stderr=stderr, width=160)).print(eval_table(result))
 
 
 def eval_table(result: dict[str, Any]) -> Table:

@@ -16,7 +16,7 @@ from mtft.core.rundir import MODEL, RunSetup, Summary
 from mtft.data.sampler import sequence_lengths
 from mtft.engine.backend import Backend
 from mtft.engine.loop import TrainResult, peak_rss_mb
-from mtft.loggers.console import CONSOLE, print_final_table
+from mtft.loggers.console import print_final_table
 from mtft.models.adapters import count_parameters
 from mtft.recipe.builders import (
     Data,
@@ -86,12 +86,12 @@ def train(cfg: TrainConfig, run_dir: Path, resume_from: Path | None) -> Summary:
 def evaluate_at_end(cfg: TrainConfig, backend: Backend, data: Data, run_dir: Path) -> dict[str, Any]:
     """trainer.eval_at_end: `mtft eval` of the final model in this process (every rank takes its share);
     eval.json and eval_samples.jsonl go into the run dir, the results into summary.json."""
-    from mtft.eval.evaluate import eval_table, evaluate, write_eval
+    from mtft.eval.evaluate import evaluate, print_table, write_eval
 
     result, samples = evaluate(backend.module, data, cfg, f"final model of {run_dir}", backend.autocast)
     if rank() == 0:
         write_eval(run_dir, result, samples)
-        CONSOLE.print(eval_table(result), width=None if CONSOLE.is_terminal else 160)
+        print_table(result, stderr=True)
     return result
 
 
