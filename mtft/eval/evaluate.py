@@ -69,12 +69,13 @@ def evaluate(
             samples += task_samples
         results[task] = entry
     scores = [t["score"] for t in results.values() if t["score"] is not None]
+    losses_seen = [t["loss"] for t in results.values() if t["loss"] is not None]
     result = {
         "model": label,
         "max_samples": n,
         "generation": {k: getattr(cfg.eval, k) for k in ("temperature", "top_p", "seed", "max_new_tokens")},
         "tasks": results,
-        "mean_loss": _num(statistics.fmean(t["loss"] for t in results.values() if t["loss"] is not None)),
+        "mean_loss": statistics.fmean(losses_seen) if losses_seen else None,
         "mean_score": statistics.fmean(scores) if scores else None,
     }
     return result, samples
