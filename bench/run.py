@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from bench import data, overhead, quality, throughput
+from bench import data, generation, overhead, quality, throughput
 from bench.common import ROOT, Setup, machine, quiet
 
 
@@ -49,6 +49,7 @@ class Mode:
     q_grouped: bool  # also sweep uniform with data.group_by_length=true
     jobs: int = 2
     data_n: int = 0  # generated conversations for the data pipeline measurement (0: skip)
+    gen: tuple[int, int, int] = (0, 0, 0)  # generation throughput: prompts, new tokens, repetitions (0: skip)
 
 
 # Packed rows per step in the quality comparison: 8 rows of 256 tokens hold about the tokens of the
@@ -56,8 +57,26 @@ class Mode:
 PACKED_ROWS = 8
 
 MODES = {
-    "quick": Mode(3, 14, 3, (2, 4, 8, 16, 32), 1, 10, 3, (4,), 0, (1,), 30, 10, False, data_n=50_000),
-    "full": Mode(5, 20, 4, (2, 4, 8, 16, 32), 2, 10, 2, (4, 32), 4, (1, 2, 3), 100, 20, True, data_n=200_000),
+    "quick": Mode(
+        3, 14, 3, (2, 4, 8, 16, 32), 1, 10, 3, (4,), 0, (1,), 30, 10, False, data_n=50_000, gen=(32, 32, 2)
+    ),
+    "full": Mode(
+        5,
+        20,
+        4,
+        (2, 4, 8, 16, 32),
+        2,
+        10,
+        2,
+        (4, 32),
+        4,
+        (1, 2, 3),
+        100,
+        20,
+        True,
+        data_n=200_000,
+        gen=(64, 64, 3),
+    ),
     # for tests/test_bench.py: a couple of steps of everything, the sweep left out
     "smoke": Mode(1, 3, 1, (2,), 1, 3, 1, (), 0, (), 0, 0, False),
 }
@@ -84,6 +103,8 @@ def run_all(mode_name: str, out_dir: Path, log: Callable[[str], None] = print) -
     results["throughput"]["wall_s"] = time.perf_counter() - t0
     if mode.data_n:
         results["data"] = data.run(mode.data_n, setup.model_path, (1, 2), log)
+    if mode.gen[0]:
+        results["generation"] = generation.run(setup, *mode.gen[:2], 16, mode.gen[2], log)
     log(f"balancer overhead: T in {mode.oh_tasks}, {mode.oh_reps} reps x {mode.oh_steps} steps")
     t0 = time.perf_counter()
     results["overhead"] = overhead.run(setup, mode.oh_tasks, mode.oh_reps, mode.oh_steps, mode.oh_warmup, log)
@@ -300,6 +321,9 @@ def render(results: dict[str, Any]) -> dict[str, str]:
     else:
         blocks["quality"] = "(not run in this mode)"
     blocks["data"] = data.render(results["data"]) if "data" in results else "(not run in this mode)"
+    blocks["generation"] = (
+        generation.render(results["generation"]) if "generation" in results else "(not run in this mode)"
+    )
     blocks["targets"] = render_targets(results)
     return blocks
 
@@ -428,6 +452,11 @@ def render_targets(results: dict[str, Any]) -> str:
         rows.append(
             f"| tokenizing {d['conversations']:,} conversations: peak anonymous memory growth ≤ 0.5x the data held as Python "
             f"objects | {_x(ratio)} | {status(ratio <= 0.5)} |"
+        )
+    if "generation" in results:
+        g = results["generation"]["ratio"]
+        rows.append(
+            f"| generation throughput: batched vs one prompt at a time (tokens/s) | {_x(g)} | shown |"
         )
     return "\n".join(rows)
 

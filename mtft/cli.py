@@ -13,6 +13,8 @@ COMMANDS = {
     "train": "train a model on a task mixture with a loss balancer (Hydra overrides; see `mtft train --help`)",
     "report": "compare runs (e.g. a balancer sweep): Markdown table + per-task plots (see `mtft report --help`)",
     "export": "merge a LoRA run's adapter into its base model: a full model dir (see `mtft export --help`)",
+    "eval": "per-task loss and generation metrics of a run (or base model): eval.json (see `mtft eval --help`)",
+    "generate": "answer prompts with a run's model and chat template (see `mtft generate --help`)",
     "data": "`mtft data preview [overrides]`: the mixture as the model sees it, learned tokens marked",
 }
 
@@ -30,6 +32,8 @@ examples:
   mtft train --help                            config groups and options
   mtft report multirun/2026-11-24/12-00-00     compare a sweep's balancers: table + plots
   mtft export outputs/2026-11-24/12-00-00      merge a peft=lora run's adapter: <run dir>/merged
+  mtft eval outputs/2026-11-24/12-00-00        per-task loss, perplexity, metrics: <run dir>/eval.json
+  mtft generate outputs/2026-11-24/12-00-00 --prompt "def add(a, b):"
   mtft data preview data=mytasks -n 2          counts, lengths and 2 examples per task, before training
 """
 
@@ -100,6 +104,14 @@ def _dispatch(args: list[str]) -> int:
         from mtft.models.export import main as export_main
 
         return export_main(rest)
+    if command == "eval":
+        from mtft.eval.cli import main as eval_main
+
+        return eval_main(rest)
+    if command == "generate":
+        from mtft.eval.generate_cli import main as generate_main
+
+        return generate_main(rest)
     if command == "data" and rest[:1] == ["preview"]:
         from mtft.recipe.preview import main as preview_main
 

@@ -109,3 +109,11 @@ def test_data_pipeline_benchmark_runs_and_renders(setup: Setup):
     assert results["mtft_1"]["tokens"] > 300 * 20 and results["mtft_1"]["hwm_mb"] > 0
     table = data.render(results)
     assert "300 generated conversations" in table and "`data.num_proc=1`" in table
+
+
+def test_generation_benchmark_runs_and_renders(setup: Setup):
+    from bench import generation
+
+    g = generation.run(setup, n=4, max_new_tokens=3, batch_size=4, reps=1, log=lambda s: None)
+    assert g["prompts"] == 4 and g["ratio"] > 0 and g["tokens_per_s"]["single"] > 0
+    assert "| batched (4 prompts" in generation.render(g)

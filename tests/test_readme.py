@@ -160,13 +160,14 @@ class Parsed(Exception):
 
 def check_argparse(monkeypatch, command: str, args: list[str]) -> None:
     """Run the sub-command's own parser on args; stop right after it accepted them."""
-    original = argparse.ArgumentParser.parse_args
+    for name in ("parse_args", "parse_intermixed_args"):
+        original = getattr(argparse.ArgumentParser, name)
 
-    def parse_then_stop(self, argv=None, namespace=None):
-        original(self, argv, namespace)
-        raise Parsed
+        def parse_then_stop(self, argv=None, namespace=None, original=original):
+            original(self, argv, namespace)
+            raise Parsed
 
-    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+        monkeypatch.setattr(argparse.ArgumentParser, name, parse_then_stop)
     with pytest.raises(Parsed):
         cli.main([command, *args])
 
@@ -190,6 +191,9 @@ def test_command_works_as_written(where, argv, monkeypatch, capsys):
             assert exit_.value.code == 0
         else:
             check_argparse(monkeypatch, argv[0], argv[1:])
+    elif argv[0] in ("eval", "generate"):
+        check_argparse(monkeypatch, argv[0], argv[1:])
+        check_job([a for a in argv[2:] if "=" in a and not a.startswith("-")])
     elif argv[:2] == ["data", "preview"]:
         check_argparse(monkeypatch, "data", argv[1:])
         with_value = {"-n", "--examples", "--task", "--config-dir"}

@@ -55,3 +55,15 @@ def device_for_rank() -> torch.device:
         torch.cuda.set_device(local_rank())
         return torch.device("cuda", local_rank())
     return torch.device("cpu")
+
+
+def gather_shards(items: list) -> list:
+    """Every rank's `items` (rank r holding elements r, r+W, r+2W, ... of a list), reassembled in order."""
+    if world_size() == 1:
+        return list(items)
+    shards: list = [None] * world_size()
+    dist.all_gather_object(shards, items)
+    out = []
+    for i in range(max(map(len, shards))):
+        out += [shard[i] for shard in shards if i < len(shard)]
+    return out

@@ -4,6 +4,9 @@
 summary.json          a `Summary`, written when it ends    checkpoints/    step-XXXXXXXX/ (see engine.checkpoint)
 model/                the final model (or adapter)         train.log       the console log
 run.lock              locked while a run uses the dir (see mtft.launch.claim)
+eval.json             `mtft eval` (or trainer.eval_at_end): per-task loss, perplexity, generation metrics
+eval_samples.jsonl    prompt, reference and prediction of each evaluated example
+samples.jsonl         trainer.sample_interval: answers to fixed validation prompts during training
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 HYDRA_DIR = ".hydra"
 CONFIG = f"{HYDRA_DIR}/config.yaml"
@@ -22,6 +26,9 @@ MODEL = "model"
 LAUNCH_CONFIG = "launch_config.yaml"  # the resolved config a multi-process job's workers read
 TRAIN_LOG = "train.log"
 LOCK = "run.lock"
+EVAL = "eval.json"
+EVAL_SAMPLES = "eval_samples.jsonl"
+SAMPLES = "samples.jsonl"
 
 
 def rank_metrics(rank: int) -> str:
@@ -72,6 +79,7 @@ class Summary:
     peak_gpu_memory_mb: float | None = None  # torch.cuda.max_memory_allocated on this rank's GPU
     stopped_early: bool = False
     setup: RunSetup | None = None
+    eval: dict[str, Any] | None = None  # trainer.eval_at_end: eval.json's per-task results and means
 
     def write(self, run_dir: Path) -> None:
         (run_dir / SUMMARY).write_text(json.dumps(dataclasses.asdict(self), indent=2, allow_nan=False) + "\n")

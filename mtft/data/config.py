@@ -86,6 +86,12 @@ class TaskConfig:
     val_fraction: float = 0.05
     max_train_samples: int | None = None  # keep only the first N examples (quick experiments)
     max_val_samples: int | None = None
+    # Generation metrics of `mtft eval` (exact_match, rouge_l, chrf, bleu; see mtft/eval/metrics.py),
+    # on prediction and reference stripped of surrounding whitespace and, if asked, lowercased.
+    metrics: list[str] = field(default_factory=list)
+    metric_strip: bool = True
+    metric_lowercase: bool = False
+    max_new_tokens: int | None = None  # per answer in mtft eval; null: eval.max_new_tokens
 
     def check(self, name: str) -> None:
         """Range checks; called by DataConfig, which knows the task's name for the message."""
@@ -117,9 +123,19 @@ class TaskConfig:
         for role, target in self.roles.items():
             require(target in ROLES, f"{key}.roles.{role}", f"one of {list(ROLES)}", target)
         in_unit_interval(f"{key}.val_fraction", self.val_fraction)
-        for key in ("max_train_samples", "max_val_samples"):
+        for key in ("max_train_samples", "max_val_samples", "max_new_tokens"):
             if getattr(self, key) is not None:
                 at_least(f"data.tasks.{name}.{key}", getattr(self, key), 1)
+        from mtft.eval.metrics import Metric
+
+        self.metrics = [choice(f"data.tasks.{name}.metrics", Metric, m) for m in self.metrics]
+        text = self.format == Format.text
+        require(
+            not (text and self.metrics),
+            f"data.tasks.{name}.metrics",
+            "empty with format text (no answer)",
+            [str(m) for m in self.metrics],
+        )
 
 
 @dataclass

@@ -26,6 +26,21 @@ class Encoder:
             return plain_pieces(roles, contents)
         return chat_pieces(self.tokenizer, self.template, roles, contents)
 
+    def prompt(self, roles: list[str], contents: list[str]) -> tuple[list[int], str]:
+        """What the model is given before the conversation's last answer, tokenized exactly as in
+        training (piece by piece, bos first where training framed the text), and the text that ends
+        that answer (the template's end-of-turn marker, or the eos token): where generation stops."""
+        pieces = self.pieces(roles, contents)
+        ids = [
+            t for text, _ in pieces[:-1] for t in self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ]
+        tok = self.tokenizer
+        if self.template is None:
+            return ([tok.bos_token_id] if tok.bos_token_id is not None else []) + ids, tok.eos_token
+        answer, turn = contents[-1], pieces[-1][0]
+        at = turn.rfind(answer) if answer else 0
+        return ids, turn[at + len(answer) :] if at >= 0 else ""
+
     def encode_batch(
         self, conversations: list[tuple[list[str], list[str]]], train_on: TrainOn
     ) -> list[tuple[list[int], list[int], bool]]:

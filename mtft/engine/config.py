@@ -61,6 +61,10 @@ class TrainerConfig:
     gradient_checkpointing: bool = False
     # torch.compile the model (TorchDynamo + Inductor; the first steps compile). Not with DeepSpeed.
     compile: bool = False
+    # Generate for `eval.sample_prompts` fixed validation prompts per task every N steps and log them
+    # (console, samples.jsonl, W&B table, TensorBoard text); null: never.
+    sample_interval: int | None = None
+    eval_at_end: bool = False  # run `mtft eval` on the final model and record its metrics in summary.json
 
     def __post_init__(self) -> None:
         self.scheduler = choice("trainer.scheduler", Scheduler, self.scheduler)
@@ -81,6 +85,8 @@ class TrainerConfig:
         if self.early_stopping_patience is not None:
             at_least("trainer.early_stopping_patience", self.early_stopping_patience, 1)
         at_least("trainer.early_stopping_min_delta", self.early_stopping_min_delta, 0)
+        if self.sample_interval is not None:
+            at_least("trainer.sample_interval", self.sample_interval, 1)
         require(self.resume != "", "trainer.resume", "auto, a checkpoint directory or null", self.resume)
 
 

@@ -13,7 +13,7 @@ import resource
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -140,9 +140,12 @@ class Trainer:
         seed: int = 0,
         config: dict[str, Any] | None = None,  # recorded with each checkpoint (mtft.recipe.resume)
         num_workers: int = 0,  # DataLoader processes collating training batches (data.num_workers)
+        # Called after each step and its evaluation (trainer.sample_interval's generation).
+        on_step: Callable[[int], None] | None = None,
     ) -> None:
         self.cfg, self.backend, self.data, self.collator = cfg, backend, data, collator
         self.sampler, self.balancer, self.tracker = sampler, balancer, tracker
+        self.on_step = on_step
         # `model` is what training calls (DDP/DeepSpeed wrapper); `module` the model itself.
         self.model, self.module, self.device = backend.model, backend.module, backend.device
         self.tasks = data.tasks
@@ -245,6 +248,8 @@ class Trainer:
                 if step % cfg.eval_interval == 0 or last:
                     self._early_stopping(self.evaluate(step))
                     last = last or result.stopped_early
+                if self.on_step is not None:
+                    self.on_step(step)
                 stopping = _any_rank(stop.signum is not None)  # every rank stops at the same step
                 if last or (cfg.save_interval and step % cfg.save_interval == 0) or stopping:
                     path = self._save(step)

@@ -48,12 +48,12 @@ def main(argv: list[str]) -> int:
     config_path, run_dir = Path(argv[0]), Path(argv[1])
     _die_with_parent(int(argv[2]))
     from mtft.launch.process_group import join_process_group
-    from mtft.launch.workers import load_launch_config
+    from mtft.recipe.config import load_config
     from mtft.recipe.finetune import train
 
     _setup_logging(run_dir, int(os.environ.get("RANK", "0")))
     try:
-        cfg = load_launch_config(config_path)
+        cfg = load_config(config_path)  # the resolved config the parent wrote, checked again
         # The same join as every other launcher's, with the parent's resolved backend and timeout.
         join_process_group(cfg.distributed.backend, cfg.distributed.timeout_min)
         # The parent resolved and checked the checkpoint: its path, or null for a fresh start.

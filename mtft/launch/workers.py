@@ -16,11 +16,11 @@ import signal
 import sys
 import uuid
 from pathlib import Path
-
-from omegaconf import OmegaConf
+from typing import Any
 
 from mtft.core.errors import Interrupted, MtftError, StorageError, WorkerKilled
 from mtft.core.rundir import CHECKPOINTS, LAUNCH_CONFIG
+from mtft.launch.config import DistributedConfig
 from mtft.loggers.context import HYDRA_CONTEXT_ENV, hydra_context
 from mtft.recipe.config import TrainConfig
 
@@ -35,7 +35,7 @@ def launch_workers(cfg: TrainConfig, resolved_yaml: str, run_dir: Path) -> None:
     """
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+    from torch.distributed.launcher.api import elastic_launch
 
     from mtft.engine.checkpoint import checkpoint_dirs
 
@@ -47,17 +47,7 @@ def launch_workers(cfg: TrainConfig, resolved_yaml: str, run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / LAUNCH_CONFIG
     config_path.write_text(resolved_yaml)
-    launch = LaunchConfig(
-        min_nodes=dist.nnodes,
-        max_nodes=dist.nnodes,
-        nproc_per_node=dist.nproc_per_node,
-        # One node: a private rendezvous on a free local port, as `torchrun --standalone` does.
-        run_id=str(uuid.uuid4()) if dist.nnodes == 1 else f"mtft-{run_dir.name}",
-        rdzv_backend="c10d",
-        rdzv_endpoint=dist.rdzv_endpoint or "localhost:0",
-        max_restarts=0,
-        monitor_interval=1,
-    )
+    launch = launch_config(dist, run_dir.name)
     log.info(
         "starting %d worker process(es) per node on %d node(s); run dir %s",
         dist.nproc_per_node,
@@ -100,15 +90,33 @@ def launch_workers(cfg: TrainConfig, resolved_yaml: str, run_dir: Path) -> None:
         ) from None
 
 
-def load_launch_config(path: Path) -> TrainConfig:
-    """The resolved config a parent wrote, checked against the schema again (the balancer against
-    its own class's, as Hydra's composition did in the parent)."""
-    from hydra.utils import get_class
+def launch_config(dist: DistributedConfig, name: str) -> Any:
+    """torchrun's launch settings for `dist` (a `LaunchConfig`); `name` identifies a multi-node job."""
+    from torch.distributed.launcher.api import LaunchConfig
 
-    loaded = OmegaConf.load(path)
-    balancer = loaded.pop("balancer")
-    merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), loaded)
-    merged.balancer = OmegaConf.merge(
-        OmegaConf.structured(get_class(balancer._target_).config_class), balancer
+    return LaunchConfig(
+        min_nodes=dist.nnodes,
+        max_nodes=dist.nnodes,
+        nproc_per_node=dist.nproc_per_node,
+        # One node: a private rendezvous on a free local port, as `torchrun --standalone` does.
+        run_id=str(uuid.uuid4()) if dist.nnodes == 1 else f"mtft-{name}",
+        rdzv_backend="c10d",
+        rdzv_endpoint=dist.rdzv_endpoint or "localhost:0",
+        max_restarts=0,
+        monitor_interval=1,
     )
-    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+
+
+def launch_command(dist: DistributedConfig, args: list[str], name: str) -> None:
+    """Run `python ARGS` as the `dist` job's ranks (RANK, WORLD_SIZE... set) and wait for them; a
+    rank's failure is one MtftError. For commands other than training (`mtft eval`)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import elastic_launch
+
+    try:
+        elastic_launch(launch_config(dist, name), sys.executable)(*args)
+    except ChildFailedError as e:
+        codes = sorted({f.exitcode for f in e.failures.values()})
+        raise MtftError(
+            f"worker process(es) failed with exit code(s) {codes}; see their messages above"
+        ) from None

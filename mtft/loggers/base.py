@@ -42,6 +42,14 @@ class Tracker:
         for sink in self.sinks:
             sink.write(rows)
 
+    def log_samples(self, step: int, samples: list[Row]) -> None:
+        """Generated text (task, prompt, reference, prediction per row) to the sinks that show text:
+        those with a `write_samples(step, samples)` method."""
+        for sink in self.sinks:
+            write = getattr(sink, "write_samples", None)
+            if write is not None:
+                write(step, samples)
+
     def close(self) -> None:
         for sink in self.sinks:
             sink.close()

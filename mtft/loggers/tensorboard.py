@@ -51,6 +51,20 @@ class TensorboardSink:
         if any(row["split"] == "val" for row in rows):
             self._writer.flush()
 
+    def write_samples(self, step: int, samples: list[Row]) -> None:
+        """trainer.sample_interval's answers as text, one entry per task (`samples/<task>`) and step."""
+        if self._writer is None:
+            self._writer = self._open()
+        by_task: dict[str, list[str]] = {}
+        for s in samples:
+            by_task.setdefault(s["task"], []).append(
+                f"**prompt**\n```\n{s['prompt']}\n```\n**reference**\n```\n{s['reference']}\n```\n"
+                f"**prediction**\n```\n{s['prediction']}\n```"
+            )
+        for task, texts in by_task.items():
+            self._writer.add_text(f"samples/{task}", "\n\n---\n\n".join(texts), global_step=step)
+        self._writer.flush()
+
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step}
 

@@ -105,6 +105,16 @@ class WandbSink:
                 continue  # a resumed run replays steps W&B already has; W&B steps only go forward
             self.run.log(values, step=step)
 
+    def write_samples(self, step: int, samples: list[Row]) -> None:
+        """trainer.sample_interval's answers as a W&B table (`samples`), one per sampling step."""
+        import wandb
+
+        if self.run is None:
+            self.run = self._start()
+        columns = ["step", "task", "prompt", "reference", "prediction"]
+        table = wandb.Table(columns=columns, data=[[s[c] for c in columns] for s in samples])
+        self.run.log({"samples": table}, step=max(step, self.run.step))
+
     def state_dict(self) -> dict[str, Any]:
         return {"run_id": self.run_id}
 

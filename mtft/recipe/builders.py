@@ -8,7 +8,7 @@ so what they exercise is what `mtft train` runs.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,7 +49,8 @@ class Data:
     mixture: TokenizedMixture
     tokenizer: PreTrainedTokenizerBase
     model_path: str  # resolved: the embedded model is built into the cache on first use
-    conversations: Mixture | None = None  # what was tokenized, as read (for `mtft data preview`)
+    conversations: Mixture | None = None  # what was tokenized, as read (`mtft data preview`, `mtft eval`)
+    template: str | None = None  # the chat template's source; None: plain prompt + response
 
     @property
     def tasks(self) -> list[str]:
@@ -82,7 +83,7 @@ def build_data(cfg: TrainConfig) -> Data:
             for i, t in enumerate(data.tasks)
         ),
     )
-    return Data(data, tokenizer, path, mixture)
+    return Data(data, tokenizer, path, mixture, template)
 
 
 def build_balancer(cfg: Any, tasks: list[str]) -> Balancer:
@@ -180,8 +181,10 @@ def build_trainer(
     balancer: Balancer,
     tracker: Tracker,
     run_dir: Path,
+    on_step: Callable[[int], None] | None = None,
 ) -> Trainer:
-    """The loop over all of the above; it also checkpoints and restores them."""
+    """The loop over all of the above; it also checkpoints and restores them. `on_step(step)` runs
+    after each step (trainer.sample_interval)."""
     collator = build_collator(cfg, data.tokenizer.pad_token_id)
     return Trainer(
         cfg.trainer,
@@ -195,4 +198,5 @@ def build_trainer(
         cfg.seed,
         config=run_record(cfg),
         num_workers=cfg.data.num_workers,
+        on_step=on_step,
     )

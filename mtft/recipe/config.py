@@ -20,6 +20,7 @@ from mtft.balancers.base import Balancer
 from mtft.core.schema import at_least, refuse_unknown_keys
 from mtft.data.config import DataConfig
 from mtft.engine.config import DeepSpeedConfig, TrainerConfig
+from mtft.eval.config import EvalConfig
 from mtft.launch.config import DistributedConfig
 from mtft.loggers.config import LoggerConfig
 from mtft.models.config import LoraAdapterConfig, ModelConfig
@@ -36,6 +37,7 @@ class TrainConfig:
     deepspeed: DeepSpeedConfig | None = None
     peft: LoraAdapterConfig | None = None  # null: full finetuning
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)  # mtft eval / generate, in-training samples
     seed: int = 0  # model init of the embedded model aside: data order, dropout, balancer state
     # Built datasets and the embedded model are cached here (override with $MTFT_CACHE).
     cache_dir: str = "${oc.env:MTFT_CACHE,'~/.cache/mtft'}"
@@ -91,3 +93,19 @@ def to_typed(cfg: Any) -> TrainConfig:
 
     refuse_unknown_keys(cfg)
     return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+
+
+def load_config(path: Path, overrides: list[str] | None = None) -> TrainConfig:
+    """A config file written by mtft (a run's .hydra/config.yaml, a job's launch config), with
+    `key=value` overrides, checked against the schema again (the balancer against its own class's,
+    as Hydra's composition did)."""
+    from hydra.utils import get_class
+    from omegaconf import OmegaConf
+
+    loaded = OmegaConf.merge(OmegaConf.load(path), OmegaConf.from_dotlist(overrides or []))
+    balancer = loaded.pop("balancer")
+    merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), loaded)
+    merged.balancer = OmegaConf.merge(
+        OmegaConf.structured(get_class(balancer._target_).config_class), balancer
+    )
+    return OmegaConf.to_object(merged)  # type: ignore[return-value]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import datasets
 import torch
@@ -15,11 +16,13 @@ from mtft.core.dist import barrier, device_for_rank, rank, rank_zero_first
 from mtft.core.errors import Interrupted
 from mtft.core.rundir import CHECKPOINTS, MODEL, RunSetup, Summary
 from mtft.data.sampler import sequence_lengths
+from mtft.engine.backend import Backend
 from mtft.engine.checkpoint import checkpoint_dirs
 from mtft.engine.loop import StopSignal, TrainResult, peak_rss_mb
 from mtft.loggers.console import print_final_table
 from mtft.models.adapters import count_parameters
 from mtft.recipe.builders import (
+    Data,
     build_backend,
     build_balancer,
     build_data,
@@ -59,7 +62,12 @@ def train(cfg: TrainConfig, run_dir: Path, resume_from: Path | None) -> Summary:
         log.info(setup_block(setup))
     sampler = build_sampler(cfg, data.mixture.train_task_ids, lengths)
     tracker = build_tracker(cfg, run_dir, data.tasks)
-    trainer = build_trainer(cfg, backend, data, sampler, balancer, tracker, run_dir)
+    on_step = None
+    if cfg.trainer.sample_interval is not None:
+        from mtft.eval.samples import TrainingSamples
+
+        on_step = TrainingSamples(cfg, data, backend.module, tracker, run_dir, backend.autocast)
+    trainer = build_trainer(cfg, backend, data, sampler, balancer, tracker, run_dir, on_step)
     try:
         result = trainer.fit(resume_from)
     finally:
@@ -72,15 +80,29 @@ def train(cfg: TrainConfig, run_dir: Path, resume_from: Path | None) -> Summary:
             backend.save_pretrained(run_dir / MODEL)
             if rank() == 0:
                 data.tokenizer.save_pretrained(run_dir / MODEL)
+        evaluation = evaluate_at_end(cfg, backend, data, run_dir) if cfg.trainer.eval_at_end else None
         summary = summarize(
             result, data.tasks, cfg.balancer.name, cfg.seed, time.perf_counter() - start, setup
         )
+        summary.eval = evaluation
         if rank() == 0:
             summary.write(run_dir)
             print_final_table(summary, run_dir)
     if stop.signum is not None:
         raise Interrupted(result.steps, str(checkpoint_dirs(run_dir / CHECKPOINTS)[-1]))
     return summary
+
+
+def evaluate_at_end(cfg: TrainConfig, backend: Backend, data: Data, run_dir: Path) -> dict[str, Any]:
+    """trainer.eval_at_end: `mtft eval` of the final model in this process (every rank takes its share);
+    eval.json and eval_samples.jsonl go into the run dir, the results into summary.json."""
+    from mtft.eval.evaluate import evaluate, print_table, write_eval
+
+    result, samples = evaluate(backend.module, data, cfg, f"final model of {run_dir}", backend.autocast)
+    if rank() == 0:
+        write_eval(run_dir, result, samples)
+        print_table(result, stderr=True)
+    return result
 
 
 def summarize(

@@ -38,6 +38,12 @@ def validate(cfg: TrainConfig) -> None:
             "trainer.compile=true applies to the plain PyTorch engine (one process or DDP); DeepSpeed "
             "wraps the model in its own engine (drop trainer.compile, or use deepspeed=none)"
         )
+    generating = cfg.trainer.sample_interval is not None or cfg.trainer.eval_at_end
+    if generating and cfg.deepspeed is not None and cfg.deepspeed.stage == 3:
+        raise MtftError(
+            "trainer.sample_interval and trainer.eval_at_end generate with the model in one piece, which "
+            "ZeRO-3 shards across ranks; run `mtft eval RUN_DIR` on the saved model instead"
+        )
     check_tasks = getattr(cfg.balancer, "check_tasks", None)
     if check_tasks is not None:
         check_tasks(list(cfg.data.tasks))

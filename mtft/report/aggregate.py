@@ -12,7 +12,10 @@ from typing import Any
 from mtft.report.read import Run, find_run_dirs, load_run
 
 # Config keys that may differ between the runs of one comparison without a warning.
-VARYING_OK = ("seed", "balancer", "logger", "cache_dir", "trainer.resume", "trainer.save_model")
+VARYING_OK = (
+    "seed", "balancer", "logger", "cache_dir", "trainer.resume", "trainer.save_model", "eval",
+    "trainer.sample_interval", "trainer.eval_at_end",
+)  # fmt: skip
 
 
 @dataclass
@@ -51,6 +54,8 @@ class BalancerResult:
     spread: Stat  # max - min across tasks of final / initial validation loss
     rose: Stat  # tasks whose final loss is above their best by more than the tolerance
     steps_per_s: Stat
+    eval: dict[tuple[str, str], Stat]  # (task, metric) -> over the runs with eval.json
+    eval_score: Stat  # eval.json's mean score
 
 
 @dataclass
@@ -60,6 +65,12 @@ class Report:
     baseline: str
     tolerance: float
     warnings: list[str]
+
+    @property
+    def eval_columns(self) -> list[tuple[str, str]]:
+        """(task, metric) of every eval result any run has, in task order (none: no eval columns)."""
+        found = {key for res in self.results for key, stat in res.eval.items() if stat.n}
+        return [(t, m) for t in self.tasks for m in sorted(m for task, m in found if task == t)]
 
 
 # --- reading -----------------------------------------------------------------------------------
@@ -127,6 +138,12 @@ def aggregate(name: str, runs: list[Run], tasks: list[str], tolerance: float) ->
         spread=Stat.of([spread(r) for r in runs]),
         rose=Stat.of([float(sum(r.final[t] > r.best[t] * (1 + tolerance) for t in tasks)) for r in runs]),
         steps_per_s=Stat.of([r.steps_per_s for r in runs]),
+        eval={
+            (t, m): Stat.of([r.eval.get(t, {}).get(m, math.nan) for r in runs])
+            for t in tasks
+            for m in {m for r in runs for m in r.eval.get(t, {})}
+        },
+        eval_score=Stat.of([r.eval_score for r in runs]),
     )
 
 

@@ -29,6 +29,9 @@ def markdown_table(report: Report) -> str:
     ]
     for task in report.tasks:
         header += [f"{task} final", f"{task} best"]
+    evals = report.eval_columns
+    if evals:
+        header += ["eval score", *(f"{task} {metric}" for task, metric in evals)]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     for res in report.results:
         if base is not None:
@@ -51,6 +54,11 @@ def markdown_table(report: Report) -> str:
         ]
         for task in report.tasks:
             cells += [res.final[task].fmt(), res.best[task].fmt()]
+        if evals:
+            cells += [
+                res.eval_score.fmt(1),
+                *(res.eval[key].fmt(1) if key in res.eval else "–" for key in evals),
+            ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -65,6 +73,13 @@ def legend(report: Report) -> str:
         f"*tasks rose*: tasks whose final loss is more than {report.tolerance:.0%} above their best "
         "(started to overfit). *steps/s*: optimizer steps per second of training time (evaluations "
         f"excluded); *overhead*: extra time per step vs {report.baseline}."
+        + (
+            " *eval score* and *<task> <metric>*: from each run's eval.json (`mtft eval` or "
+            "`trainer.eval_at_end`), 0-100, higher is better; the score is the mean over tasks of each "
+            "task's first metric."
+            if report.eval_columns
+            else ""
+        )
     )
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from mtft.core.rundir import CONFIG, HYDRA_DIR, METRICS, SUMMARY
+from mtft.core.rundir import CONFIG, EVAL, HYDRA_DIR, METRICS, SUMMARY
 
 # A run dir holds at least one of these; anything else next to the job dirs (report/, logs) is ignored.
 RUN_MARKERS = (HYDRA_DIR, METRICS, SUMMARY)
@@ -38,6 +38,8 @@ class Run:
     config: dict[str, Any] = field(default_factory=dict)
     val: dict[str, dict[int, float]] = field(default_factory=dict)  # task -> step -> loss
     weights: dict[int, dict[str, float]] = field(default_factory=dict)  # step -> task -> weight
+    eval: dict[str, dict[str, float]] = field(default_factory=dict)  # eval.json: task -> metric -> value
+    eval_score: float = math.nan  # eval.json's mean over tasks of each task's first metric
 
 
 def is_run_dir(path: Path) -> bool:
@@ -177,6 +179,7 @@ def load_run(run_dir: Path, warnings: list[str]) -> Run | None:
         elif r["split"] == "train" and task in val and isinstance(r.get("weight"), int | float):
             weights.setdefault(int(r["step"]), {})[task] = float(r["weight"])
     initial = summary.get("initial_val_loss") or {t: val[t].get(0) for t in tasks}
+    evaluation = _read_eval(run_dir, warnings) or summary.get("eval") or {}
     seed = summary.get("seed", config.get("seed"))
     return Run(
         path=run_dir,
@@ -191,4 +194,29 @@ def load_run(run_dir: Path, warnings: list[str]) -> Run | None:
         config=config,
         val=val,
         weights=weights,
+        eval=_eval_metrics(evaluation, tasks),
+        eval_score=_per_task({"mean": evaluation.get("mean_score")}, ["mean"])["mean"],
     )
+
+
+def _read_eval(run_dir: Path, warnings: list[str]) -> dict[str, Any] | None:
+    path = run_dir / EVAL
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        warnings.append(f"{path}: unreadable ({e}); the run's eval columns are left empty")
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _eval_metrics(evaluation: dict[str, Any], tasks: list[str]) -> dict[str, dict[str, float]]:
+    """task -> metric -> value from eval.json (or summary.json's `eval`), for the run's tasks."""
+    per_task = evaluation.get("tasks") if isinstance(evaluation.get("tasks"), dict) else {}
+    out = {}
+    for task in tasks:
+        metrics = (per_task.get(task) or {}).get("metrics")
+        if isinstance(metrics, dict) and metrics:
+            out[task] = _per_task(metrics, list(metrics))
+    return out

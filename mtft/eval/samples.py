@@ -1,0 +1,69 @@
+"""`trainer.sample_interval=N`: answers to a few fixed validation prompts per task every N steps, so
+what the model produces can be watched as it trains (console, samples.jsonl, W&B, TensorBoard)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from pathlib import Path
+
+import torch
+
+from mtft.core.dist import rank
+from mtft.core.rundir import SAMPLES
+from mtft.data.encode import Encoder
+from mtft.eval.generate import conversation_prompts, generate
+from mtft.loggers.base import Row, Tracker
+from mtft.recipe.builders import Data
+from mtft.recipe.config import TrainConfig
+
+log = logging.getLogger("mtft")
+
+
+class TrainingSamples:
+    """Called by the loop after every step; generates (on rank 0 only) when the step is due."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        data: Data,
+        module: torch.nn.Module,
+        tracker: Tracker,
+        run_dir: Path,
+        autocast: Callable[[], AbstractContextManager],
+    ) -> None:
+        assert cfg.trainer.sample_interval is not None and data.conversations is not None
+        self.cfg, self.data, self.module, self.tracker, self.autocast = cfg, data, module, tracker, autocast
+        self.path = run_dir / SAMPLES
+        encoder = Encoder(data.tokenizer, cfg.data.max_length, data.template)
+        k = cfg.eval.sample_prompts
+        self.prompts = {
+            task: conversation_prompts(encoder, ds.select(range(min(k, len(ds)))))
+            for task, ds in data.conversations.validation.items()
+        }
+
+    def __call__(self, step: int) -> None:
+        if step % self.cfg.trainer.sample_interval or rank() != 0:  # type: ignore[operator]
+            return
+        rows: list[Row] = []
+        for task, prompts in self.prompts.items():
+            limit = self.cfg.data.tasks[task].max_new_tokens
+            answers = generate(self.module, self.data.tokenizer, prompts, self.cfg.eval, limit, self.autocast)
+            for p, answer in zip(prompts, answers, strict=True):
+                prompt = self.data.tokenizer.decode(p.ids, skip_special_tokens=True)
+                rows.append(
+                    {
+                        "step": step,
+                        "task": task,
+                        "prompt": prompt,
+                        "reference": p.reference,
+                        "prediction": answer,
+                    }
+                )
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        shown = "\n".join(f"  {r['task']}: {r['prediction'][:120]!r}" for r in rows)
+        log.info("step %d samples:\n%s", step, shown)
+        self.tracker.log_samples(step, rows)
