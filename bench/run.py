@@ -49,11 +49,29 @@ class Mode:
     q_grouped: bool  # also sweep uniform with data.group_by_length=true
     jobs: int = 2
     data_n: int = 0  # generated conversations for the data pipeline measurement (0: skip)
+    s_steps: int = 0  # steps per run of the embedded scenarios' sweeps (0: skip)
+    s_eval_interval: int = 25
 
 
 MODES = {
     "quick": Mode(3, 14, 3, (2, 4, 8, 16, 32), 1, 10, 3, (4,), 0, (1,), 30, 10, False, data_n=50_000),
-    "full": Mode(5, 20, 4, (2, 4, 8, 16, 32), 2, 10, 2, (4, 32), 4, (1, 2, 3), 100, 20, True, data_n=200_000),
+    "full": Mode(
+        5,
+        20,
+        4,
+        (2, 4, 8, 16, 32),
+        2,
+        10,
+        2,
+        (4, 32),
+        4,
+        (1, 2, 3),
+        100,
+        20,
+        True,
+        data_n=200_000,
+        s_steps=300,
+    ),
     # for tests/test_bench.py: a couple of steps of everything, the sweep left out
     "smoke": Mode(1, 3, 1, (2,), 1, 3, 1, (), 0, (), 0, 0, False),
 }
@@ -124,6 +142,21 @@ def run_all(mode_name: str, out_dir: Path, log: Callable[[str], None] = print) -
             )
             results["quality"]["grouped_runs"] = [_run_row(r) for r in quality.summaries(grouped_dir)]
         results["quality"]["wall_s"] = time.perf_counter() - t0
+    if mode.s_steps:
+        results["scenarios"] = {}
+        for sc in quality.SCENARIOS:
+            t0 = time.perf_counter()
+            log(f"scenario {sc.data}: 4 balancers x seeds {mode.q_seeds}, {mode.s_steps} steps each")
+            sc_dir = out_dir / sc.data
+            shutil.rmtree(sc_dir, ignore_errors=True)
+            report_md = quality.scenario(
+                sc_dir, sc, mode.q_seeds, mode.s_steps, mode.s_eval_interval, mode.jobs
+            )
+            results["scenarios"][sc.data] = {
+                "report_md": report_md,
+                "dir": str(sc_dir.relative_to(ROOT)) if sc_dir.is_relative_to(ROOT) else str(sc_dir),
+                "wall_s": time.perf_counter() - t0,
+            }
     results["wall_s"] = time.perf_counter() - started
     results["machine"]["load_avg_end"] = machine()["load_avg"]
     return results
@@ -314,8 +347,32 @@ def render(results: dict[str, Any]) -> dict[str, str]:
     else:
         blocks["quality"] = "(not run in this mode)"
     blocks["data"] = data.render(results["data"]) if "data" in results else "(not run in this mode)"
+    blocks["scenarios"] = render_scenarios(results)
     blocks["targets"] = render_targets(results)
     return blocks
+
+
+def render_scenarios(results: dict[str, Any]) -> str:
+    """Each scenario's `mtft report` as printed (tables, winners line), under its claim."""
+    if "scenarios" not in results:
+        return "(not run in this mode)"
+    by_data = {sc.data: sc for sc in quality.SCENARIOS}
+    parts = []
+    for name, r in results["scenarios"].items():
+        sc = by_data[name]
+        body = r["report_md"].split("## Validation loss per task")[0].replace("# mtft report", "").strip()
+        parts += [
+            f"### `data={name}`",
+            "",
+            f"Claim under test: {sc.claim} (task of interest: `{sc.focus}`). Budget: "
+            f"{results['settings']['s_steps']} steps x {quality.SCENARIO_BATCH} sequences per run, seeds "
+            f"{', '.join(map(str, results['settings']['q_seeds']))}; {r['wall_s'] / 60:.1f} minutes. "
+            f"`mtft report {r['dir']}/*` printed:",
+            "",
+            body.replace("## Task weights", "#### Task weights"),
+            "",
+        ]
+    return "\n".join(parts).rstrip()
 
 
 def render_targets(results: dict[str, Any]) -> str:

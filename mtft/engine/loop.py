@@ -30,7 +30,7 @@ from mtft.data.sampler import MixtureSampler
 from mtft.engine.backend import Backend
 from mtft.engine.checkpoint import Checkpointer, RngState
 from mtft.engine.config import TrainerConfig
-from mtft.engine.evaluation import fixed_eval_rows, random_eval_rows, task_losses
+from mtft.engine.evaluation import fixed_eval_rows, random_eval_rows, stratified_probe_rows, task_losses
 from mtft.engine.loss import per_task_token_loss
 from mtft.loggers.base import Row, Tracker
 
@@ -148,8 +148,11 @@ class Trainer:
         self.autocast = backend.autocast
         self.eval_rows = fixed_eval_rows(data, cfg.eval_batches * cfg.eval_batch_size)
         self.result, self.progress = TrainResult(), Progress()
-        # Draws the probe batches of balancers that validate as they train (CoBa).
+        # Draws the probe batches of balancers that validate as they train (CoBa), unless they
+        # probe the same rows of every task each time.
         self.probe_rng = torch.Generator().manual_seed(seed)
+        per_task = balancer.probe_rows_per_task
+        self.probe_rows = stratified_probe_rows(data, per_task) if per_task else None
         self.checkpointer = Checkpointer(
             run_dir,
             shared={
@@ -199,6 +202,7 @@ class Trainer:
         cfg, backend, balancer = self.cfg, self.backend, self.balancer
         result, progress = self.result, self.progress
         balancer.setup(self.module)
+        balancer.plan(cfg.max_steps)
         # Made before any RNG state is restored (making it draws from torch's RNG); the sampler's
         # position is read at the first batch, so a restored sampler still applies.
         batches = iter(DataLoader(self.data.train, batch_sampler=self.sampler, collate_fn=self.collator))
@@ -285,11 +289,14 @@ class Trainer:
             observed = TaskLosses(local=stats.mean, mean=stats.mean, present=stats.present)
         balancer.observe_step(step, observed)
         if balancer.val_interval and step % balancer.val_interval == 0:
-            # A probe batch is one training micro-batch (`batch_size` rows per rank), as in the CoBa
-            # reference (MFTCoder's eval batch = train batch), not `eval_batch_size`: the probe runs
-            # every step. The ranks draw the same global rows and each evaluates its own share.
-            n = balancer.val_batches * self.cfg.batch_size * world_size()
-            rows = random_eval_rows(self.data, n, self.probe_rng)[rank() :: world_size()]
+            # A random probe batch is one training micro-batch (`batch_size` rows per rank), as in the
+            # CoBa reference (MFTCoder's eval batch = train batch), not `eval_batch_size`: the probe
+            # runs often. The ranks draw the same global rows and each evaluates its own share.
+            rows = self.probe_rows
+            if rows is None:
+                n = balancer.val_batches * self.cfg.batch_size * world_size()
+                rows = random_eval_rows(self.data, n, self.probe_rng)
+            rows = rows[rank() :: world_size()]
             balancer.observe_val(
                 step,
                 *task_losses(
