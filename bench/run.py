@@ -70,7 +70,7 @@ MODES = {
         20,
         True,
         data_n=200_000,
-        s_steps=300,
+        s_steps=150,
     ),
     # for tests/test_bench.py: a couple of steps of everything, the sweep left out
     "smoke": Mode(1, 3, 1, (2,), 1, 3, 1, (), 0, (), 0, 0, False),
@@ -143,23 +143,27 @@ def run_all(mode_name: str, out_dir: Path, log: Callable[[str], None] = print) -
             results["quality"]["grouped_runs"] = [_run_row(r) for r in quality.summaries(grouped_dir)]
         results["quality"]["wall_s"] = time.perf_counter() - t0
     if mode.s_steps:
-        results["scenarios"] = {}
-        for sc in quality.SCENARIOS:
-            t0 = time.perf_counter()
-            log(f"scenario {sc.data}: 4 balancers x seeds {mode.q_seeds}, {mode.s_steps} steps each")
-            sc_dir = out_dir / sc.data
-            shutil.rmtree(sc_dir, ignore_errors=True)
-            report_md = quality.scenario(
-                sc_dir, sc, mode.q_seeds, mode.s_steps, mode.s_eval_interval, mode.jobs
-            )
-            results["scenarios"][sc.data] = {
-                "report_md": report_md,
-                "dir": str(sc_dir.relative_to(ROOT)) if sc_dir.is_relative_to(ROOT) else str(sc_dir),
-                "wall_s": time.perf_counter() - t0,
-            }
+        results["scenarios"] = run_scenarios(mode, out_dir, log)
     results["wall_s"] = time.perf_counter() - started
     results["machine"]["load_avg_end"] = machine()["load_avg"]
     return results
+
+
+def run_scenarios(mode: Mode, out_dir: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    """Every balancer on every embedded scenario, each scenario compared by one `mtft report`."""
+    out: dict[str, Any] = {"steps": mode.s_steps, "seeds": list(mode.q_seeds), "by_data": {}}
+    for sc in quality.SCENARIOS:
+        t0 = time.perf_counter()
+        log(f"scenario {sc.data}: 4 balancers x seeds {mode.q_seeds}, {mode.s_steps} steps each")
+        sc_dir = out_dir / sc.data
+        shutil.rmtree(sc_dir, ignore_errors=True)
+        report_md = quality.scenario(sc_dir, sc, mode.q_seeds, mode.s_steps, mode.s_eval_interval, mode.jobs)
+        out["by_data"][sc.data] = {
+            "report_md": report_md,
+            "dir": str(sc_dir.relative_to(ROOT)) if sc_dir.is_relative_to(ROOT) else str(sc_dir),
+            "wall_s": time.perf_counter() - t0,
+        }
+    return out
 
 
 def _run_row(s: dict[str, Any]) -> dict[str, Any]:
@@ -356,17 +360,18 @@ def render_scenarios(results: dict[str, Any]) -> str:
     """Each scenario's `mtft report` as printed (tables, winners line), under its claim."""
     if "scenarios" not in results:
         return "(not run in this mode)"
+    scenarios = results["scenarios"]
     by_data = {sc.data: sc for sc in quality.SCENARIOS}
     parts = []
-    for name, r in results["scenarios"].items():
+    for name, r in scenarios["by_data"].items():
         sc = by_data[name]
         body = r["report_md"].split("## Validation loss per task")[0].replace("# mtft report", "").strip()
         parts += [
             f"### `data={name}`",
             "",
             f"Claim under test: {sc.claim} (task of interest: `{sc.focus}`). Budget: "
-            f"{results['settings']['s_steps']} steps x {quality.SCENARIO_BATCH} sequences per run, seeds "
-            f"{', '.join(map(str, results['settings']['q_seeds']))}; {r['wall_s'] / 60:.1f} minutes. "
+            f"{scenarios['steps']} steps x {quality.SCENARIO_BATCH} sequences per run, seeds "
+            f"{', '.join(map(str, scenarios['seeds']))}; {r['wall_s'] / 60:.1f} minutes. "
             f"`mtft report {r['dir']}/*` printed:",
             "",
             body.replace("## Task weights", "#### Task weights"),
@@ -428,6 +433,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--render-only", action="store_true", help="re-render from an existing results.json")
     parser.add_argument(
+        "--only-scenarios",
+        action="store_true",
+        help="run only the embedded scenarios' sweeps and rewrite only their block (the rest of "
+        "results.json is kept)",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -440,6 +451,13 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = (args.out or ROOT / "bench" / "results" / args.mode).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     results_path = out_dir / "results.json"
+    if args.only_scenarios:
+        results = json.loads(results_path.read_text()) if results_path.exists() else {}
+        results["scenarios"] = run_scenarios(MODES[args.mode], out_dir, lambda s: print(s, flush=True))
+        results_path.write_text(json.dumps(results, indent=1))
+        rewrite(args.markdown, {"scenarios": render_scenarios(results)})
+        print(f"results: {results_path}\nscenario tables rewritten in {args.markdown}")
+        return 0
     if args.render_only:
         results = json.loads(results_path.read_text())
     else:

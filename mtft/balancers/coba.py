@@ -34,6 +34,10 @@ class Probe(Choice):
     reference = "reference"
 
 
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
 def least_squares_slope(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Slope `alpha` of the least-squares line `y = alpha * x + b`, for each row of `y`.
 
@@ -79,13 +83,15 @@ class CobaBalancerConfig:
     # Probes in the slope window; null: as many as span 2x warmup_steps (the paper advises 2-5x).
     history_length: int | None = None
     tau: float = 5.0  # temperature of the divergence factor
-    update_interval: int = 4  # probe the validation set and update the weights every N steps
+    update_interval: int = 8  # probe the validation set and update the weights every N steps
     probe: Probe = Probe.stratified  # which validation rows a probe evaluates
-    probe_rows: int = 8  # stratified: validation rows of each task per probe
+    probe_rows: int = 16  # stratified: validation rows of each task per probe
     sample_valid_num: int = 1  # reference: random mixed validation batches per probe
     # The paper's DF = min(DF, 1), so RCS never weighs more than "all of it"; the reference does not cap.
-    cap_divergence: bool = False
+    cap_divergence: bool = True
     divergence: Divergence = Divergence.steepest_task  # whose slope the divergence factor watches
+    # Each update moves the weights this fraction of the way to the new ones (1: jump, as the reference).
+    smoothing: float = 0.3
 
     def __post_init__(self) -> None:
         def integer(key: str, low: int, why: str = "") -> None:
@@ -98,6 +104,12 @@ class CobaBalancerConfig:
         if self.history_length is not None:
             integer("history_length", 2, " (a slope needs two points)")
         positive("balancer.tau", self.tau)
+        require(
+            _number(self.smoothing) and 0 < self.smoothing <= 1,
+            "balancer.smoothing",
+            "in (0, 1]",
+            self.smoothing,
+        )
         integer("update_interval", 1)
         self.probe = choice("balancer.probe", Probe, self.probe)
         self.divergence = choice("balancer.divergence", Divergence, self.divergence)
@@ -269,7 +281,8 @@ class CoBa(Balancer):
         floor = 1.0 / (10 * T)
         if bool((w < floor).any()):
             w = w * (1.0 - T * floor) + floor
-        self._weights = w
+        # A convex step toward the new weights: still on the simplex and above the floor.
+        self._weights = self._weights + self.config.smoothing * (w - self._weights)
         self._rcs, self._acs, self._df = rcs, acs, df
 
     # -- state -----------------------------------------------------------------------------------
