@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from mtft.models.config import TinyModelConfig
-from mtft.recipe.config import TrainConfig, conf_dir, register_configs
+from mtft.recipe.config import TrainConfig, conf_dir, register_configs, to_typed
 
 ROOT = Path(__file__).resolve().parent.parent
 # A Llama small enough to build and train in a second, for tests that need a real model.
@@ -70,7 +69,7 @@ def compose_train(overrides: list[str], config_dir: Path | None = None) -> Train
     register_configs()
     with initialize_config_dir(str(config_dir or conf_dir()), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
-    typed = OmegaConf.to_object(cfg)
+    typed = to_typed(cfg)
     assert isinstance(typed, TrainConfig)
     return typed
 

@@ -30,7 +30,7 @@ from omegaconf import OmegaConf, open_dict
 
 from mtft import cli
 from mtft.recipe import config as schema
-from mtft.recipe.config import conf_dir, register_configs
+from mtft.recipe.config import conf_dir, register_configs, to_typed
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -115,7 +115,7 @@ def check_job(overrides: list[str]) -> None:
     OmegaConf.to_container(launcher, resolve=True)  # e.g. the SLURM launcher's ${distributed.*}
     with open_dict(cfg):
         del cfg["hydra"]
-    typed = OmegaConf.to_object(cfg)
+    typed = to_typed(cfg)
     validate = getattr(schema, "validate", None)
     if validate is not None:
         validate(typed)

@@ -19,7 +19,7 @@ import torch
 
 from mtft.balancers.base import Balancer
 from mtft.core.errors import MtftError
-from mtft.core.schema import Choice, choice, positive, require
+from mtft.core.schema import MAX_INT, Choice, choice, positive, require
 
 log = logging.getLogger(__name__)
 REFERENCE_WARMUP = 100  # the reference's warm-up, for runs of 1,000 steps or more
@@ -98,6 +98,8 @@ class CobaBalancerConfig:
             value = getattr(self, key)
             ok = isinstance(value, int) and not isinstance(value, bool) and value >= low
             require(ok, f"balancer.{key}", f"an integer >= {low}{why}", value)
+            require(value <= MAX_INT, f"balancer.{key}", f"<= {MAX_INT}", value)
+            require(value <= MAX_INT, f"balancer.{key}", f"<= {MAX_INT}", value)
 
         if self.warmup_steps is not None:
             integer("warmup_steps", 0)

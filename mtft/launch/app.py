@@ -14,9 +14,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from mtft.core.errors import Interrupted, MtftError
-from mtft.launch.claim import claim_run_dir, detach_log_file, write_hydra_files
+from mtft.launch.claim import claim_run_dir, leave_run_dir, write_hydra_files
 from mtft.launch.process_group import join_process_group
-from mtft.recipe.config import TrainConfig, conf_dir, register_configs
+from mtft.recipe.config import TrainConfig, conf_dir, register_configs, to_typed
 from mtft.recipe.validate import validate
 
 log = logging.getLogger("mtft")
@@ -38,7 +38,7 @@ def main(cfg: DictConfig) -> None:
     first = int(os.environ.get("RANK", "0")) == 0
     started = False
     try:
-        typed: TrainConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]  # runs the __post_init__ checks
+        typed = to_typed(cfg)
         validate(typed)  # the cross-section rules, before any data, model or engine is built
         with claim_run_dir(run_dir, typed.trainer.resume) if first else nullcontext():
             resume_from = _resume_point(run_dir, typed)
@@ -48,7 +48,7 @@ def main(cfg: DictConfig) -> None:
             _run(typed, cfg, run_dir, resume_from)
     except MtftError as e:
         if not started:
-            detach_log_file()  # refused before the run began: the run dir gets nothing
+            leave_run_dir(run_dir)  # refused before the run began: the run dir gets nothing
         log.error("error: %s", e)
         sys.exit(2)
     except Interrupted as e:

@@ -10,6 +10,7 @@ detached before the refusal is logged).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -60,12 +61,15 @@ def claim_run_dir(run_dir: Path, resume: str | None) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
-def detach_log_file() -> None:
-    """Stop logging into the run dir: a refused run reports on the console only."""
+def leave_run_dir(run_dir: Path) -> None:
+    """A refused run reports on the console only, and leaves no trace: its log handler is detached
+    and the dir Hydra created for it is removed again if it is still empty."""
     root = logging.getLogger()
     for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
         root.removeHandler(handler)
         handler.close()
+    with contextlib.suppress(OSError):  # not empty: another run's dir, left as it is
+        run_dir.rmdir()
 
 
 def write_hydra_files(run_dir: Path, cfg: DictConfig, hydra_cfg: DictConfig) -> None:

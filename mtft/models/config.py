@@ -62,6 +62,7 @@ class TinyModelConfig:
         for key in ("num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
             at_least(f"model.build.{key}", getattr(self, key), 1)
         at_least("model.build.tokenizer_corpus_chars", self.tokenizer_corpus_chars, 1)
+        at_least("model.build.init_seed", self.init_seed, 0)
         require(
             self.hidden_size % self.num_attention_heads == 0,
             "model.build.hidden_size",

@@ -17,6 +17,7 @@ from omegaconf import MISSING
 
 import mtft.balancers
 from mtft.balancers.base import Balancer
+from mtft.core.schema import at_least, refuse_unknown_keys
 from mtft.data.config import DataConfig
 from mtft.engine.config import DeepSpeedConfig, TrainerConfig
 from mtft.launch.config import DistributedConfig
@@ -38,6 +39,9 @@ class TrainConfig:
     seed: int = 0  # model init of the embedded model aside: data order, dropout, balancer state
     # Built datasets and the embedded model are cached here (override with $MTFT_CACHE).
     cache_dir: str = "${oc.env:MTFT_CACHE,'~/.cache/mtft'}"
+
+    def __post_init__(self) -> None:
+        at_least("seed", self.seed, 0)
 
 
 def balancer_schemas() -> dict[str, type]:
@@ -72,10 +76,18 @@ def compose(overrides: list[str], config_dir: Path | None = None) -> TrainConfig
     commands that read a run's config, like `mtft data preview`). Hydra errors propagate as they are."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
-    from omegaconf import OmegaConf
 
     register_configs()
     extra = [f"hydra.searchpath=[file://{config_dir.resolve()}]"] if config_dir else []
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="train"):
         cfg = hydra_compose("train", overrides=[*overrides, *extra])
-    return OmegaConf.to_object(cfg)  # type: ignore[return-value]  # runs the __post_init__ checks
+    return to_typed(cfg)
+
+
+def to_typed(cfg: Any) -> TrainConfig:
+    """The composed config as a TrainConfig: every key known to its schema (no silent `+key`), every
+    value checked by the dataclasses' `__post_init__`."""
+    from omegaconf import OmegaConf
+
+    refuse_unknown_keys(cfg)
+    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
