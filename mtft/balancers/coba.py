@@ -99,7 +99,6 @@ class CobaBalancerConfig:
             ok = isinstance(value, int) and not isinstance(value, bool) and value >= low
             require(ok, f"balancer.{key}", f"an integer >= {low}{why}", value)
             require(value <= MAX_INT, f"balancer.{key}", f"<= {MAX_INT}", value)
-            require(value <= MAX_INT, f"balancer.{key}", f"<= {MAX_INT}", value)
 
         if self.warmup_steps is not None:
             integer("warmup_steps", 0)
