@@ -40,6 +40,7 @@ def reference_weights(
     tau: float,
     divergence: str = "steepest_task",
     cap: bool = False,
+    smoothing: float = 1.0,
 ) -> list[np.ndarray]:
     """docs/design.md's CoBa formulas, written out independently with numpy (every task present)."""
 
@@ -75,9 +76,10 @@ def reference_weights(
             m = np.asarray(max_slopes)
             df = len(m) * softmax(-tau * len(m) * safe_div(m, np.abs(m).sum()))[-1]
             df = min(df, 1.0) if cap else df
-            w = softmax(T * (df * rcs + (1 - df) * acs))
-            if (w < 1 / (10 * T)).any():
-                w = w * (1 - T / (10 * T)) + 1 / (10 * T)
+            new = softmax(T * (df * rcs + (1 - df) * acs))
+            if (new < 1 / (10 * T)).any():
+                new = new * (1 - T / (10 * T)) + 1 / (10 * T)
+            w = w + smoothing * (new - w)
         out.append(w.copy())
     return out
 
@@ -122,15 +124,15 @@ def test_slopes_inside_the_balancer_fit_the_last_window_of_probes():
 
 
 @pytest.mark.parametrize(
-    "tau, divergence, cap",
+    "tau, divergence, cap, smoothing",
     [
-        (1.0, "max_curve", False),
-        (5.0, "max_curve", False),
-        (5.0, "steepest_task", False),
-        (5.0, "steepest_task", True),
+        (1.0, "max_curve", False, 1.0),  # the reference
+        (5.0, "max_curve", False, 1.0),
+        (5.0, "steepest_task", False, 1.0),
+        (5.0, "steepest_task", True, 0.3),  # the defaults
     ],
 )
-def test_weights_match_the_design_formulas(tau, divergence, cap):
+def test_weights_match_the_design_formulas(tau, divergence, cap, smoothing):
     rng = np.random.default_rng(7)
     n = 80
     t = np.arange(n + 1)[:, None]
@@ -145,11 +147,12 @@ def test_weights_match_the_design_formulas(tau, divergence, cap):
         axis=1,
     ) * (1 + 0.01 * rng.standard_normal((n + 1, 4)))
     steps = list(range(1, n + 1))
-    b = CoBa(
-        list("abcd"), warmup_steps=10, history_length=20, tau=tau, divergence=divergence, cap_divergence=cap
-    )
+    options = {"tau": tau, "divergence": divergence, "cap_divergence": cap, "smoothing": smoothing}
+    b = CoBa(list("abcd"), warmup_steps=10, history_length=20, **options)
     got = feed(b, curves, steps)
-    want = reference_weights(curves, steps, warmup=10, window=20, tau=tau, divergence=divergence, cap=cap)
+    want = reference_weights(
+        curves, steps, warmup=10, window=20, tau=tau, divergence=divergence, cap=cap, smoothing=smoothing
+    )
     np.testing.assert_allclose(np.stack(got), np.stack(want), rtol=1e-5, atol=1e-6)
 
 
@@ -226,7 +229,7 @@ def test_floor_lifts_small_weights_by_the_rescaling_rule():
     t = np.arange(41, dtype=np.float64)
     curves = np.full((41, 8), 2.0)
     curves[:, 7] = 2.0 + 0.01 * t
-    b = CoBa([f"t{i}" for i in range(8)], warmup_steps=5, history_length=10)
+    b = CoBa([f"t{i}" for i in range(8)], warmup_steps=5, history_length=10, smoothing=1.0)
     feed(b, curves)
     d = b.diagnostics()
     rcs = np.array([d[f"coba/rcs/t{i}"] for i in range(8)])
@@ -341,7 +344,7 @@ def test_built_from_the_config_schema_like_the_trainer_does():
     b = instantiate(cfg, tasks=["a", "b"])
     assert isinstance(b, CoBa)
     assert (b.warmup_steps, b.history_length, b.tau) == (7, 7, 5.0)  # the window spans 2x warm-up
-    assert (b.val_interval, b.val_batches, b.probe_rows_per_task) == (2, 1, 8)
+    assert (b.val_interval, b.val_batches, b.probe_rows_per_task) == (2, 1, 16)
     assert b.weights().tolist() == [0.5, 0.5]
     assert b.recompute_after_step is False
 
@@ -365,12 +368,13 @@ def test_balancer_group_defaults(run_mtft):
         "warmup_steps": None,
         "history_length": None,
         "tau": 5.0,
-        "update_interval": 4,
+        "update_interval": 8,
         "probe": "stratified",
-        "probe_rows": 8,
+        "probe_rows": 16,
         "sample_valid_num": 1,
-        "cap_divergence": False,
+        "cap_divergence": True,
         "divergence": "steepest_task",
+        "smoothing": 0.3,
     }
 
 
@@ -381,7 +385,7 @@ def test_reference_mode_samples_as_mftcoder_does(run_mtft):
     cfg = OmegaConf.create(proc.stdout).balancer
     b = instantiate(cfg, tasks=["a", "b"])
     assert (cfg.name, b.val_interval, b.val_batches, b.probe_rows_per_task) == ("coba_reference", 1, 1, 0)
-    assert b.config.divergence == "max_curve" and not b.cap_divergence
+    assert b.config.divergence == "max_curve" and not b.config.cap_divergence
     b.plan(5000)
     assert (b.warmup_steps, b.history_length) == (100, 200)
 
@@ -389,10 +393,10 @@ def test_reference_mode_samples_as_mftcoder_does(run_mtft):
 @pytest.mark.parametrize(
     "max_steps, options, window",
     [
-        (300, {}, (30, 15)),  # 10% warm-up; 2x warm-up in probes of every 4 steps
-        (5000, {}, (100, 50)),  # the reference's warm-up from 1,000 steps on
+        (300, {}, (30, 8)),  # 10% warm-up; 2x warm-up in probes of every 8 steps
+        (5000, {}, (100, 25)),  # the reference's warm-up from 1,000 steps on
         (300, {"update_interval": 1}, (30, 60)),
-        (300, {"warmup_steps": 50}, (50, 25)),
+        (300, {"warmup_steps": 50}, (50, 13)),
         (300, {"warmup_steps": 50, "history_length": 9}, (50, 9)),
         (10, {}, (1, 2)),
     ],
@@ -420,8 +424,8 @@ def test_capped_divergence_factor_never_exceeds_one():
     # so the uncapped DF exceeds 1 (RCS amplified, ACS inverted); capped, it is exactly 1.
     t = np.arange(61, dtype=np.float64)[:, None]
     curves = np.array([3.0, 2.0, 4.0]) * (1 - np.array([1e-4, 2e-4, 1.5e-4]) * t**2)
-    free = CoBa(["a", "b", "c"], warmup_steps=5, history_length=10)
-    capped = CoBa(["a", "b", "c"], warmup_steps=5, history_length=10, cap_divergence=True)
+    free = CoBa(["a", "b", "c"], warmup_steps=5, history_length=10, cap_divergence=False)
+    capped = CoBa(["a", "b", "c"], warmup_steps=5, history_length=10)  # capped by default
     feed(free, curves)
     feed(capped, curves)
     assert free.diagnostics()["coba/df"] > 1

@@ -168,9 +168,6 @@ class CoBa(Balancer):
         super().__init__(tasks)
         self.config = cfg = self.config_class(**options)
         self.tau = float(cfg.tau)
-        self.cap_divergence = cfg.cap_divergence
-        self.update_interval = cfg.update_interval
-        self.sample_valid_num = cfg.sample_valid_num
         # The trainer probes the validation set through these interface attributes.
         self.val_interval = cfg.update_interval
         self.val_batches = cfg.sample_valid_num
@@ -275,7 +272,7 @@ class CoBa(Balancer):
         max_hist = torch.tensor(self._max_slopes, dtype=torch.float64)
         n_max = max_hist.numel()
         df = float(n_max * torch.softmax(-self.tau * n_max * _normalize_by_abs_sum(max_hist), dim=0)[-1])
-        if self.cap_divergence:
+        if self.config.cap_divergence:
             df = min(df, 1.0)
 
         w = torch.softmax(T * (df * rcs + (1.0 - df) * acs), dim=0)
