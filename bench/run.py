@@ -371,7 +371,7 @@ def render_scenarios(results: dict[str, Any]) -> str:
             "",
             f"Claim under test: {sc.claim} (task of interest: `{sc.focus}`). Budget: "
             f"{scenarios['steps']} steps x {quality.SCENARIO_BATCH} sequences per run, seeds "
-            f"{', '.join(map(str, scenarios['seeds']))}; {r['wall_s'] / 60:.1f} minutes. "
+            f"{', '.join(map(str, r.get('seeds', scenarios['seeds'])))}; {r['wall_s'] / 60:.1f} minutes. "
             f"`mtft report {r['dir']}/*` printed:",
             "",
             body.replace("## Task weights", "#### Task weights"),

@@ -240,7 +240,7 @@ def test_sweep_recipe_composes(run_mtft):
         ).stdout
     )
     assert job["balancer"]["_target_"] == "mtft.balancers.coba.CoBa"
-    assert (job["balancer"]["warmup_steps"], job["balancer"]["history_length"]) == (25, 12)
+    assert (job["balancer"]["warmup_steps"], job["balancer"]["history_length"]) == (25, 6)
 
 
 # --- a real sweep, then the report --------------------------------------------------------------
