@@ -417,5 +417,7 @@ def test_default_matches_the_reference_loop_on_the_same_batch() -> None:
             reference.update(losses(theirs, rows))
 
         torch.testing.assert_close(ours.detach(), theirs.detach(), rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(famo.weights(), torch.softmax(reference.w.detach(), 0), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(
+            famo.weights(), torch.softmax(reference.w.detach(), 0), rtol=1e-4, atol=1e-6
+        )
     assert famo.weights().max() - famo.weights().min() > 0.05  # the weights really moved
