@@ -19,14 +19,14 @@ SHORT = [
 
 def test_the_documented_coba_command_composes(run_mtft):
     out = run_mtft("train", "balancer=coba", "data=codetasks", "--cfg", "job").stdout
-    assert "_target_: mtft.balancers.coba.CoBa" in out and "history_length: 200" in out
+    assert "_target_: mtft.balancers.coba.CoBa" in out and "probe: stratified" in out
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "balancer, extra",
     [
-        ("coba", ["balancer.warmup_steps=3", "balancer.history_length=3"]),
+        ("coba", ["balancer.warmup_steps=3", "balancer.history_length=3", "balancer.update_interval=1"]),
         ("famo", []),
         ("famo", ["balancer.post_step_loss=next_batch"]),
         ("gradnorm", []),
