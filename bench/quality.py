@@ -1,9 +1,11 @@
 """Quality: the balancer sweep (uniform, coba, gradnorm, famo x seeds) on codetasks at a fixed token
 budget, run through the real `mtft train` CLI (Hydra multirun of experiment=balancer_sweep) and
-compared by `mtft report`, whose table is embedded in BENCHMARKS.md as printed.
+compared by `mtft report`, whose table is embedded in BENCHMARKS.md as printed; then the same on each
+embedded scenario (conf/data/codetasks_*.yaml), where some balancer's paper claims an effect.
 
-With proportional sampling the batches depend only on the seed, never on the balancer, so every
-balancer of a seed trains on exactly the same tokens: the budget is `steps x batch_size` sequences.
+The batches depend only on the seed, never on the balancer (proportional and uniform sampling
+alike), so every balancer of a seed trains on exactly the same tokens: the budget is
+`steps x batch_size` sequences.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,10 +59,55 @@ def sweep(
     return out_dir
 
 
-def report(sweep_dir: Path) -> str:
-    """`mtft report` on the sweep; returns the Markdown table it wrote (report.md)."""
-    mtft(["report", str(sweep_dir)], threads=None)
-    return (sweep_dir / "report" / "report.md").read_text()
+def report(sweep_dir: Path, *more: Path, out: Path | None = None) -> str:
+    """`mtft report` on the sweep (and `more` sweeps beside it); returns the report.md it wrote."""
+    out = out or sweep_dir / "report"
+    mtft(["report", str(sweep_dir), *map(str, more), "-o", str(out)], threads=None)
+    return (out / "report.md").read_text()
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """An embedded data config (conf/data/) and the balancer claim it is built to show."""
+
+    data: str
+    focus: str  # the task the claim is about
+    claim: str
+    # Extra sweeps beside the four balancers: (name, balancer option, overrides).
+    variants: tuple[tuple[str, str, tuple[str, ...]], ...] = ()
+
+
+SCENARIOS = (
+    Scenario(
+        "codetasks_skewed",
+        "function_naming",
+        "CoBa: the small task's rise from its best shrinks, the mean final loss is no worse",
+        (
+            ("famo_next_batch", "famo", ("balancer.post_step_loss=next_batch",)),
+            ("coba_reference", "coba_reference", ()),
+        ),
+    ),
+    Scenario(
+        "codetasks_scaled",
+        "returns_value",
+        "FAMO: every task's log-loss falls at a similar rate; GradNorm: training rates equalize",
+    ),
+)
+BALANCERS = "uniform,coba,famo,gradnorm"
+# The scenarios' budget: short sequences (data config) and small batches, so that 4 balancers x 3
+# seeds x 2 scenarios fit in well under an hour on two cores.
+SCENARIO_BATCH = 8
+
+
+def scenario(
+    out_dir: Path, sc: Scenario, seeds: Sequence[int], steps: int, eval_interval: int, jobs: int
+) -> str:
+    """Every balancer (and variant) on one scenario, then one `mtft report` over all of them."""
+    extra = [f"data={sc.data}", f"trainer.batch_size={SCENARIO_BATCH}"]
+    dirs = [sweep(out_dir / "main", seeds, steps, eval_interval, jobs, extra, BALANCERS)]
+    for name, balancer, overrides in sc.variants:
+        dirs.append(sweep(out_dir / name, seeds, steps, eval_interval, jobs, [*extra, *overrides], balancer))
+    return report(*dirs, out=out_dir / "report")
 
 
 def summaries(sweep_dir: Path) -> list[dict[str, Any]]:

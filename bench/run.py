@@ -50,6 +50,8 @@ class Mode:
     jobs: int = 2
     data_n: int = 0  # generated conversations for the data pipeline measurement (0: skip)
     gen: tuple[int, int, int] = (0, 0, 0)  # generation throughput: prompts, new tokens, repetitions (0: skip)
+    s_steps: int = 0  # steps per run of the embedded scenarios' sweeps (0: skip)
+    s_eval_interval: int = 25
 
 
 # Packed rows per step in the quality comparison: 8 rows of 256 tokens hold about the tokens of the
@@ -76,6 +78,7 @@ MODES = {
         True,
         data_n=200_000,
         gen=(64, 64, 3),
+        s_steps=150,
     ),
     # for tests/test_bench.py: a couple of steps of everything, the sweep left out
     "smoke": Mode(1, 3, 1, (2,), 1, 3, 1, (), 0, (), 0, 0, False),
@@ -165,9 +168,28 @@ def run_all(mode_name: str, out_dir: Path, log: Callable[[str], None] = print) -
             )
             results["quality"]["packed_runs"] = [_run_row(r) for r in quality.summaries(packed_dir)]
         results["quality"]["wall_s"] = time.perf_counter() - t0
+    if mode.s_steps:
+        results["scenarios"] = run_scenarios(mode, out_dir, log)
     results["wall_s"] = time.perf_counter() - started
     results["machine"]["load_avg_end"] = machine()["load_avg"]
     return results
+
+
+def run_scenarios(mode: Mode, out_dir: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    """Every balancer on every embedded scenario, each scenario compared by one `mtft report`."""
+    out: dict[str, Any] = {"steps": mode.s_steps, "seeds": list(mode.q_seeds), "by_data": {}}
+    for sc in quality.SCENARIOS:
+        t0 = time.perf_counter()
+        log(f"scenario {sc.data}: 4 balancers x seeds {mode.q_seeds}, {mode.s_steps} steps each")
+        sc_dir = out_dir / sc.data
+        shutil.rmtree(sc_dir, ignore_errors=True)
+        report_md = quality.scenario(sc_dir, sc, mode.q_seeds, mode.s_steps, mode.s_eval_interval, mode.jobs)
+        out["by_data"][sc.data] = {
+            "report_md": report_md,
+            "dir": str(sc_dir.relative_to(ROOT)) if sc_dir.is_relative_to(ROOT) else str(sc_dir),
+            "wall_s": time.perf_counter() - t0,
+        }
+    return out
 
 
 def _run_row(s: dict[str, Any]) -> dict[str, Any]:
@@ -324,6 +346,7 @@ def render(results: dict[str, Any]) -> dict[str, str]:
     blocks["generation"] = (
         generation.render(results["generation"]) if "generation" in results else "(not run in this mode)"
     )
+    blocks["scenarios"] = render_scenarios(results)
     blocks["targets"] = render_targets(results)
     return blocks
 
@@ -409,6 +432,30 @@ def render_throughput(tp: dict[str, Any], batch_size: int) -> str:
     return "\n".join(rows)
 
 
+def render_scenarios(results: dict[str, Any]) -> str:
+    """Each scenario's `mtft report` as printed (tables, winners line), under its claim."""
+    if "scenarios" not in results:
+        return "(not run in this mode)"
+    scenarios = results["scenarios"]
+    by_data = {sc.data: sc for sc in quality.SCENARIOS}
+    parts = []
+    for name, r in scenarios["by_data"].items():
+        sc = by_data[name]
+        body = r["report_md"].split("## Validation loss per task")[0].replace("# mtft report", "").strip()
+        parts += [
+            f"### `data={name}`",
+            "",
+            f"Claim under test: {sc.claim} (task of interest: `{sc.focus}`). Budget: "
+            f"{scenarios['steps']} steps x {quality.SCENARIO_BATCH} sequences per run, seeds "
+            f"{', '.join(map(str, r.get('seeds', scenarios['seeds'])))}; {r['wall_s'] / 60:.1f} minutes. "
+            f"`mtft report {r['dir']}/*` printed:",
+            "",
+            body.replace("## Task weights", "#### Task weights"),
+            "",
+        ]
+    return "\n".join(parts).rstrip()
+
+
 def render_targets(results: dict[str, Any]) -> str:
     r = results["throughput"]["ratios"]
     oh = results["overhead"]["by_tasks"]
@@ -488,6 +535,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--render-only", action="store_true", help="re-render from an existing results.json")
     parser.add_argument(
+        "--only-scenarios",
+        action="store_true",
+        help="run only the embedded scenarios' sweeps and rewrite only their block (the rest of "
+        "results.json is kept)",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -500,6 +553,13 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = (args.out or ROOT / "bench" / "results" / args.mode).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     results_path = out_dir / "results.json"
+    if args.only_scenarios:
+        results = json.loads(results_path.read_text()) if results_path.exists() else {}
+        results["scenarios"] = run_scenarios(MODES[args.mode], out_dir, lambda s: print(s, flush=True))
+        results_path.write_text(json.dumps(results, indent=1))
+        rewrite(args.markdown, {"scenarios": render_scenarios(results)})
+        print(f"results: {results_path}\nscenario tables rewritten in {args.markdown}")
+        return 0
     if args.render_only:
         results = json.loads(results_path.read_text())
     else:

@@ -19,19 +19,19 @@ SHORT = [
 
 def test_the_documented_coba_command_composes(run_mtft):
     out = run_mtft("train", "balancer=coba", "data=codetasks", "--cfg", "job").stdout
-    assert "_target_: mtft.balancers.coba.CoBa" in out and "history_length: 200" in out
+    assert "_target_: mtft.balancers.coba.CoBa" in out and "probe: stratified" in out
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "balancer, extra",
     [
-        ("coba", ["balancer.warmup_steps=3", "balancer.history_length=3"]),
+        ("coba", ["balancer.warmup_steps=3", "balancer.history_length=3", "balancer.update_interval=1"]),
         ("famo", []),
-        ("famo", ["balancer.post_step_loss=recompute"]),
+        ("famo", ["balancer.post_step_loss=next_batch"]),
         ("gradnorm", []),
     ],
-    ids=["coba", "famo", "famo-recompute", "gradnorm"],
+    ids=["coba", "famo", "famo-next-batch", "gradnorm"],
 )
 def test_balancer_run_logs_every_tasks_weight(run_mtft, tmp_path, balancer, extra):
     run_dir = tmp_path / balancer
@@ -52,7 +52,7 @@ def test_balancer_run_logs_every_tasks_weight(run_mtft, tmp_path, balancer, extr
     [
         (["balancer=coba", "balancer.history_length=1"], "balancer.history_length must be an integer >= 2"),
         (["balancer=coba", "balancer.tau=0"], "balancer.tau must be a finite number > 0"),
-        (["balancer=famo", "balancer.post_step_loss=later"], "expected one of [next_batch, recompute]"),
+        (["balancer=famo", "balancer.post_step_loss=later"], "expected one of [recompute, next_batch]"),
         (
             ["balancer=gradnorm", "balancer.shared_params=no_such_layer"],
             "'no_such_layer' matches no trainable",

@@ -41,8 +41,8 @@ def test_unknown_command(run_mtft):
 def test_train_help_lists_groups_and_options(run_mtft):
     out = run_mtft("train", "--help").stdout
     for line in (
-        "balancer: coba, coba_tiny, famo, gradnorm, uniform",
-        "data: codetasks, files, jsonl",
+        "balancer: coba, coba_reference, coba_tiny, famo, gradnorm, uniform",
+        "data: codetasks, codetasks_scaled, codetasks_skewed, files, jsonl",
         "model: codellama_13b, codellama_13b_instruct, deepseek_coder_6_7b, deepseek_coder_6_7b_instruct, hf,",
         "deepspeed: file, none, zero1, zero2, zero3, zero3_offload",
         "peft: lora, none, qlora",

@@ -33,7 +33,14 @@ def feed(balancer: CoBa, curves: np.ndarray, steps: list[int] | None = None, abs
 
 
 def reference_weights(
-    curves: np.ndarray, steps: list[int], warmup: int, window: int, tau: float
+    curves: np.ndarray,
+    steps: list[int],
+    warmup: int,
+    window: int,
+    tau: float,
+    divergence: str = "steepest_task",
+    cap: bool = False,
+    smoothing: float = 1.0,
 ) -> list[np.ndarray]:
     """docs/design.md's CoBa formulas, written out independently with numpy (every task present)."""
 
@@ -56,7 +63,10 @@ def reference_weights(
             x = np.asarray(steps[lo : k + 1], dtype=np.float64)
             y = v[lo : k + 1]
             alpha = np.array([np.polyfit(x, y[:, i], 1)[0] for i in range(T)]) if len(x) > 1 else np.zeros(T)
-            a_max = np.polyfit(x, y.max(axis=1), 1)[0] if len(x) > 1 else 0.0
+            if divergence == "max_curve":  # the slope of the worst task's curve
+                a_max = np.polyfit(x, y.max(axis=1), 1)[0] if len(x) > 1 else 0.0
+            else:  # the steepest task's slope
+                a_max = alpha.max()
             task_slopes = (task_slopes + [alpha])[-window:]
             max_slopes.append(a_max)
             rcs = softmax(T * safe_div(alpha, np.abs(alpha).sum()))
@@ -65,9 +75,11 @@ def reference_weights(
             acs = softmax(np.array([-n * safe_div(hist[i, -1:], np.abs(hist[i]).sum())[0] for i in range(T)]))
             m = np.asarray(max_slopes)
             df = len(m) * softmax(-tau * len(m) * safe_div(m, np.abs(m).sum()))[-1]
-            w = softmax(T * (df * rcs + (1 - df) * acs))
-            if (w < 1 / (10 * T)).any():
-                w = w * (1 - T / (10 * T)) + 1 / (10 * T)
+            df = min(df, 1.0) if cap else df
+            new = softmax(T * (df * rcs + (1 - df) * acs))
+            if (new < 1 / (10 * T)).any():
+                new = new * (1 - T / (10 * T)) + 1 / (10 * T)
+            w = w + smoothing * (new - w)
         out.append(w.copy())
     return out
 
@@ -111,8 +123,16 @@ def test_slopes_inside_the_balancer_fit_the_last_window_of_probes():
 # -- the weights -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("tau", [1.0, 5.0])
-def test_weights_match_the_design_formulas(tau):
+@pytest.mark.parametrize(
+    "tau, divergence, cap, smoothing",
+    [
+        (1.0, "max_curve", False, 1.0),  # the reference
+        (5.0, "max_curve", False, 1.0),
+        (5.0, "steepest_task", False, 1.0),
+        (5.0, "steepest_task", True, 0.3),  # the defaults
+    ],
+)
+def test_weights_match_the_design_formulas(tau, divergence, cap, smoothing):
     rng = np.random.default_rng(7)
     n = 80
     t = np.arange(n + 1)[:, None]
@@ -127,9 +147,12 @@ def test_weights_match_the_design_formulas(tau):
         axis=1,
     ) * (1 + 0.01 * rng.standard_normal((n + 1, 4)))
     steps = list(range(1, n + 1))
-    b = CoBa(list("abcd"), warmup_steps=10, history_length=20, tau=tau)
+    options = {"tau": tau, "divergence": divergence, "cap_divergence": cap, "smoothing": smoothing}
+    b = CoBa(list("abcd"), warmup_steps=10, history_length=20, **options)
     got = feed(b, curves, steps)
-    want = reference_weights(curves, steps, warmup=10, window=20, tau=tau)
+    want = reference_weights(
+        curves, steps, warmup=10, window=20, tau=tau, divergence=divergence, cap=cap, smoothing=smoothing
+    )
     np.testing.assert_allclose(np.stack(got), np.stack(want), rtol=1e-5, atol=1e-6)
 
 
@@ -206,7 +229,7 @@ def test_floor_lifts_small_weights_by_the_rescaling_rule():
     t = np.arange(41, dtype=np.float64)
     curves = np.full((41, 8), 2.0)
     curves[:, 7] = 2.0 + 0.01 * t
-    b = CoBa([f"t{i}" for i in range(8)], warmup_steps=5, history_length=10)
+    b = CoBa([f"t{i}" for i in range(8)], warmup_steps=5, history_length=10, smoothing=1.0)
     feed(b, curves)
     d = b.diagnostics()
     rcs = np.array([d[f"coba/rcs/t{i}"] for i in range(8)])
@@ -320,8 +343,8 @@ def test_built_from_the_config_schema_like_the_trainer_does():
     cfg = OmegaConf.merge(OmegaConf.structured(CobaBalancerConfig), {"warmup_steps": 7, "update_interval": 2})
     b = instantiate(cfg, tasks=["a", "b"])
     assert isinstance(b, CoBa)
-    assert (b.warmup_steps, b.history_length, b.tau) == (7, 200, 5.0)
-    assert (b.val_interval, b.val_batches) == (2, 1)
+    assert (b.warmup_steps, b.history_length, b.tau) == (7, 7, 5.0)  # the window spans 2x warm-up
+    assert (b.val_interval, b.val_batches, b.probe_rows_per_task) == (2, 1, 16)
     assert b.weights().tolist() == [0.5, 0.5]
     assert b.recompute_after_step is False
 
@@ -331,19 +354,98 @@ def test_tiny_recipe_composes(run_mtft):
     proc = run_mtft("train", "experiment=coba_tiny", "--cfg", "job")
     cfg = OmegaConf.create(proc.stdout)
     assert cfg.balancer._target_ == "mtft.balancers.coba.CoBa"
-    assert cfg.balancer.warmup_steps < cfg.balancer.history_length <= 5 * cfg.balancer.warmup_steps
+    window = cfg.balancer.history_length * cfg.balancer.update_interval  # in steps
+    assert cfg.balancer.warmup_steps < window <= 5 * cfg.balancer.warmup_steps
     assert cfg.trainer.max_steps > cfg.balancer.history_length
 
 
-def test_balancer_group_defaults_are_the_reference_ones(run_mtft):
+def test_balancer_group_defaults(run_mtft):
     proc = run_mtft("train", "balancer=coba", "--cfg", "job")
     bal = OmegaConf.create(proc.stdout).balancer
     assert dict(bal) == {
         "_target_": "mtft.balancers.coba.CoBa",
         "name": "coba",
-        "warmup_steps": 100,
-        "history_length": 200,
+        "warmup_steps": None,
+        "history_length": None,
         "tau": 5.0,
-        "update_interval": 1,
+        "update_interval": 8,
+        "probe": "stratified",
+        "probe_rows": 16,
         "sample_valid_num": 1,
+        "cap_divergence": True,
+        "divergence": "steepest_task",
+        "smoothing": 0.3,
     }
+
+
+def test_reference_mode_samples_as_mftcoder_does(run_mtft):
+    """balancer=coba_reference: one random mixed micro-batch every step, the max-curve divergence
+    factor, and from 1,000 steps on the reference's warm-up 100 and window 200."""
+    proc = run_mtft("train", "balancer=coba_reference", "--cfg", "job")
+    cfg = OmegaConf.create(proc.stdout).balancer
+    b = instantiate(cfg, tasks=["a", "b"])
+    assert (cfg.name, b.val_interval, b.val_batches, b.probe_rows_per_task) == ("coba_reference", 1, 1, 0)
+    assert b.config.divergence == "max_curve" and not b.config.cap_divergence
+    b.plan(5000)
+    assert (b.warmup_steps, b.history_length) == (100, 200)
+
+
+@pytest.mark.parametrize(
+    "max_steps, options, window",
+    [
+        (300, {}, (30, 8)),  # 10% warm-up; 2x warm-up in probes of every 8 steps
+        (5000, {}, (100, 25)),  # the reference's warm-up from 1,000 steps on
+        (300, {"update_interval": 1}, (30, 60)),
+        (300, {"warmup_steps": 50}, (50, 13)),
+        (300, {"warmup_steps": 50, "history_length": 9}, (50, 9)),
+        (10, {}, (1, 2)),
+    ],
+)
+def test_warmup_and_window_follow_the_run_length(max_steps, options, window):
+    b = CoBa(["a", "b"], **options)
+    b.plan(max_steps)
+    assert (b.warmup_steps, b.history_length) == window
+    assert b.state_dict()["window"] == list(window)
+
+
+def test_a_run_that_never_leaves_warmup_is_warned_about(caplog):
+    b = CoBa(["a", "b"], warmup_steps=100)
+    with caplog.at_level("WARNING"):
+        b.plan(30)
+    assert "never leaves its warm-up" in caplog.text and "max_steps=30" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        CoBa(["a", "b"]).plan(30)  # the rule's warm-up always ends within the run
+    assert caplog.text == ""
+
+
+def test_capped_divergence_factor_never_exceeds_one():
+    # Losses falling faster and faster: the current max slope is the most negative of the history,
+    # so the uncapped DF exceeds 1 (RCS amplified, ACS inverted); capped, it is exactly 1.
+    t = np.arange(61, dtype=np.float64)[:, None]
+    curves = np.array([3.0, 2.0, 4.0]) * (1 - np.array([1e-4, 2e-4, 1.5e-4]) * t**2)
+    free = CoBa(["a", "b", "c"], warmup_steps=5, history_length=10, cap_divergence=False)
+    capped = CoBa(["a", "b", "c"], warmup_steps=5, history_length=10)  # capped by default
+    feed(free, curves)
+    feed(capped, curves)
+    assert free.diagnostics()["coba/df"] > 1
+    assert capped.diagnostics()["coba/df"] == 1.0
+
+
+def test_divergence_of_a_task_that_is_not_the_worst_one():
+    """The overfitting task has made the most progress, so max_i v_i is another task's curve: the
+    reference's max-curve DF misses the turn, the steepest-task DF sees it and cuts the task's weight."""
+    n, turn = 120, 40
+    t = np.arange(n + 1, dtype=np.float64)
+    slow = 4 * (1 - 0.002 * t)  # v ends near 0.76: the worst curve throughout
+    mid = 3 * (0.6 + 0.4 * np.exp(-0.02 * t))
+    over = 2 * (0.5 + 0.5 * np.exp(-0.08 * t))
+    over[turn:] = over[turn] * (1 + 0.003 * (t[turn:] - turn))  # turns up, still far below slow's v
+    curves = np.stack([slow, mid, over], axis=1)
+    last = {}
+    for divergence in ("max_curve", "steepest_task"):
+        b = CoBa(["slow", "mid", "over"], warmup_steps=10, history_length=20, divergence=divergence)
+        last[divergence] = (feed(b, curves)[-1], b.diagnostics()["coba/df"])
+    (w_curve, df_curve), (w_task, df_task) = last["max_curve"], last["steepest_task"]
+    assert df_curve > 0.5 and df_task < 0.5
+    assert w_task[2] < w_curve[2] and int(np.argmin(w_task)) == 2

@@ -71,4 +71,4 @@ def test_a_users_config_dir_adds_experiments_and_options(run_mtft, tmp_path: Pat
     shipped = run_mtft(
         "train", "--config-dir", str(user), "experiment=coba_tiny", "--cfg", "job", cwd=tmp_path
     )
-    assert OmegaConf.create(shipped.stdout).balancer.history_length == 50
+    assert OmegaConf.create(shipped.stdout).balancer.history_length == 6

@@ -188,4 +188,7 @@ def test_cli_config_errors_exit_2_with_one_line(run_mtft, tmp_path, overrides, m
 @pytest.mark.slow
 def test_help_lists_no_schema_group(run_mtft):
     proc = run_mtft("train", "--help")
-    assert "schema" not in proc.stdout and "balancer: coba, coba_tiny, famo, gradnorm, uniform" in proc.stdout
+    assert (
+        "schema" not in proc.stdout
+        and "balancer: coba, coba_reference, coba_tiny, famo, gradnorm, uniform" in proc.stdout
+    )

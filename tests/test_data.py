@@ -47,9 +47,28 @@ def test_codetasks_examples_for_one_function():
     assert ex["docstring_to_code"]["response"] == "    c = a + b\n    return c\n"
     completion = ex["code_completion"]
     assert (completion["prompt"] + completion["response"]).endswith(src + "\n")
+    assert ex["returns_value"] == {
+        "prompt": f"# does the function return a value?\n{src}\n# answer:",
+        "response": " yes",
+    }
 
 
-def test_codetasks_mixture_has_four_tasks_of_different_sizes(cache_dir):
+@pytest.mark.parametrize(
+    "body, answer",
+    [
+        ("    return x + 1", " yes"),
+        ("    return", " no"),
+        ("    return None", " no"),
+        ("    print(x)", " no"),
+    ],
+)
+def test_returns_value_answers_whether_a_value_is_returned(body, answer):
+    src = f"def f(x):\n    y = x\n{body}"
+    fn = codetasks.Function("m.py", "f", "f", src, None, None)
+    assert codetasks.examples_for(fn)["returns_value"]["response"] == answer
+
+
+def test_codetasks_mixture_has_tasks_of_different_sizes(cache_dir):
     cfg = DataConfig(source="codetasks", tasks={t: TaskConfig() for t in codetasks.TASKS})
     mixture = build_mixture(cfg, cache_dir)
     sizes = {t: len(mixture.train[t]) for t in mixture.tasks}

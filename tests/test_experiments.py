@@ -94,7 +94,8 @@ def test_experiment_key_values(stem):
     assert (cfg.deepspeed.stage if cfg.deepspeed else None) == (3 if large_full else None)
     # CoBa's warm-up and slope window fit the run: a tenth and a fifth of it, window 2x warm-up.
     b = cfg.balancer
-    assert b.name == "coba" and b.warmup_steps * 10 == t.max_steps and b.history_length == 2 * b.warmup_steps
+    warmup, probes = b.window(t.max_steps)
+    assert b.name == "coba" and warmup * 10 == t.max_steps and probes * b.update_interval == 2 * warmup
 
 
 def test_the_instruct_variant_and_the_balancer_can_still_be_chosen():

@@ -15,6 +15,7 @@ from mtft.core.errors import MtftError
 
 TASKS = ["a", "b", "c"]
 ALL = [True, True, True]
+NEXT = {"post_step_loss": "next_batch"}  # the cheaper variant, which updates from observe_step alone
 
 
 def _observed(values: list[float], present: list[bool] | None = None) -> TaskLosses:
@@ -60,7 +61,7 @@ def _adam_by_hand(
 
 @pytest.mark.parametrize("present", [ALL, [True, False, True]])
 def test_combine_gradient_equals_literal_objective(present: list[bool]) -> None:
-    famo = _warm(FAMO(TASKS, min_losses={"b": 0.3}))
+    famo = _warm(FAMO(TASKS, min_losses={"b": 0.3}, **NEXT))
     mask = torch.tensor(present)
     theta = torch.randn(3, 4, generator=torch.Generator().manual_seed(1), requires_grad=True)
     scales = torch.tensor([1.0, 10.0, 100.0])
@@ -100,7 +101,7 @@ def test_combine_coefficients_sum_to_one_and_favor_small_losses() -> None:
 
 def test_logit_update_is_softmax_vjp_with_adam() -> None:
     lr, gamma = 0.05, 0.01
-    famo = FAMO(TASKS, lr=lr, gamma=gamma, min_losses={"a": 0.1, "c": 0.2}, eps=1e-6)
+    famo = FAMO(TASKS, lr=lr, gamma=gamma, min_losses={"a": 0.1, "c": 0.2}, eps=1e-6, **NEXT)
     m_floor = torch.tensor([0.1, 0.0, 0.2], dtype=torch.float64)
     x = torch.zeros(3, dtype=torch.float64)
     m = torch.zeros(3, dtype=torch.float64)
@@ -131,7 +132,7 @@ def test_logit_update_is_softmax_vjp_with_adam() -> None:
 
 
 def test_logits_move_toward_the_task_whose_log_loss_fell_less() -> None:
-    famo = FAMO(["fast", "slow"])
+    famo = FAMO(["fast", "slow"], **NEXT)
     famo.observe_step(1, _observed([1.0, 50.0]))
     famo.observe_step(2, _observed([0.5, 49.0]))  # log-loss of "fast" fell by 0.69, "slow" by 0.02
     w = famo.weights()
@@ -179,8 +180,8 @@ def test_famo_balances_log_loss_decrease_across_scales(post_step_loss: str) -> N
 
 
 def test_absent_tasks_take_no_part() -> None:
-    famo = FAMO(TASKS)
-    pair = FAMO(["a", "c"])
+    famo = FAMO(TASKS, **NEXT)
+    pair = FAMO(["a", "c"], **NEXT)
     seq = [([2.0, 5.0, 1.0], ALL), ([1.5, 7.0, 0.9], [True, False, True]), ([1.4, 4.0, 0.5], ALL)]
     for t, (values, present) in enumerate(seq, start=1):
         famo.observe_step(t, _observed(values, present))
@@ -206,7 +207,7 @@ def test_absent_tasks_take_no_part() -> None:
 
 
 def test_absent_task_keeps_its_logit_and_adam_moments() -> None:
-    famo = _warm(FAMO(TASKS, gamma=0.05))
+    famo = _warm(FAMO(TASKS, gamma=0.05, **NEXT))
     logits = famo.logits.detach().clone()
     state = {k: v.clone() for k, v in famo.optimizer.state[famo.logits].items()}
     assert logits[1] != 0 and state["exp_avg"][1] != 0
@@ -237,7 +238,7 @@ def test_absent_task_keeps_its_logit_and_adam_moments() -> None:
 
 
 def test_updates_need_two_tasks_present_in_both() -> None:
-    famo = _warm(FAMO(TASKS))
+    famo = _warm(FAMO(TASKS, **NEXT))
     before = famo.state_dict()
     famo.observe_step(10, _observed([1.0, 2.0, 3.0], [True, False, False]))
     famo.observe_step(11, _observed([0.5, 2.0, 3.0], [True, True, False]))  # only "a" in both
@@ -269,7 +270,7 @@ def test_recompute_compares_the_last_micro_batch_before_and_after() -> None:
 
 
 def test_next_batch_first_step_only_stores() -> None:
-    famo = FAMO(["a", "b"])
+    famo = FAMO(["a", "b"], **NEXT)
     assert not famo.recompute_after_step
     famo.combine(_observed([3.0, 1.0]))
     famo.observe_step(1, _observed([2.0, 4.0]))
@@ -356,4 +357,67 @@ def test_hydra_config_builds_famo() -> None:
     famo = instantiate(cfg.balancer, tasks=["a", "b"], _convert_="all")
     assert isinstance(famo, FAMO)
     assert (famo.lr, famo.gamma, famo.eps) == (0.025, 0.001, 1e-8)
+    # the default is FAMO's own loop: the same batch re-evaluated after the update
     assert famo.recompute_after_step and famo.min_losses.tolist() == [0.0, 0.0]
+
+
+class _ReferenceFamo:
+    """FAMO as Cranial-XIX/FAMO's `famo.py` and its experiments run it, written out by hand."""
+
+    def __init__(self, n: int, lr: float, gamma: float) -> None:
+        self.w = torch.zeros(n, requires_grad=True)
+        self.opt = torch.optim.Adam([self.w], lr=lr, weight_decay=gamma)
+        self.prev: torch.Tensor | None = None
+
+    def weighted_loss(self, losses: torch.Tensor) -> torch.Tensor:
+        self.prev = losses.detach()
+        z = torch.softmax(self.w.detach(), 0)
+        d = losses + 1e-8
+        return (d.log() * z / (z / d).sum().detach()).sum()
+
+    def update(self, after: torch.Tensor) -> None:
+        assert self.prev is not None
+        delta = (self.prev + 1e-8).log() - (after + 1e-8).log()
+        with torch.enable_grad():
+            (d,) = torch.autograd.grad(torch.softmax(self.w, 0), self.w, grad_outputs=delta)
+        self.opt.zero_grad()
+        self.w.grad = d
+        self.opt.step()
+
+
+def test_default_matches_the_reference_loop_on_the_same_batch() -> None:
+    """Linear regression, three tasks of different scale, mini-batches: the trainer's path (combine,
+    model step, the same batch re-evaluated, observe_step) against the reference loop, step by step."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(64, 6, generator=g)
+    targets = x @ torch.randn(6, 3, generator=g) * torch.tensor([1.0, 5.0, 30.0])
+
+    def losses(theta: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return ((x[rows] @ theta - targets[rows]) ** 2).mean(0)
+
+    famo = FAMO(["a", "b", "c"], lr=0.05, gamma=0.01)
+    reference = _ReferenceFamo(3, lr=0.05, gamma=0.01)
+    ours, theirs = (torch.zeros(6, 3, requires_grad=True) for _ in range(2))
+    opts = [torch.optim.SGD([p], lr=0.02) for p in (ours, theirs)]
+    present = torch.ones(3, dtype=torch.bool)
+    for t in range(1, 31):
+        rows = torch.randint(64, (8,), generator=g)
+        value = losses(ours, rows)
+        opts[0].zero_grad()
+        famo.combine(TaskLosses(value, value.detach(), present)).backward()
+        opts[0].step()
+        with torch.no_grad():
+            after = losses(ours, rows)
+        famo.observe_step(t, TaskLosses(after, after, present))
+
+        opts[1].zero_grad()
+        reference.weighted_loss(losses(theirs, rows)).backward()
+        opts[1].step()
+        with torch.no_grad():
+            reference.update(losses(theirs, rows))
+
+        torch.testing.assert_close(ours.detach(), theirs.detach(), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            famo.weights(), torch.softmax(reference.w.detach(), 0), rtol=1e-4, atol=1e-6
+        )
+    assert famo.weights().max() - famo.weights().min() > 0.05  # the weights really moved

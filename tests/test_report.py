@@ -34,6 +34,7 @@ def fake_run(
     step_seconds: float = 0.5,
     balancer_cfg: dict | None = None,
     max_steps: int = 2,
+    weights: list[list[float]] | None = None,
 ) -> Path:
     """A run dir following the contract: .hydra/config.yaml, metrics.jsonl, summary.json."""
     tasks = list(final)
@@ -48,7 +49,12 @@ def fake_run(
     (path / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
     rows = [{"step": 0, "split": "val", "task": t, "loss": initial[t]} for t in tasks]
     for step in range(1, max_steps + 1):
-        raw = {t: float(i + 1) for i, t in enumerate(tasks)}  # scale differs per balancer; report normalizes
+        # scale differs per balancer; report normalizes
+        raw = (
+            dict(zip(tasks, weights[step - 1], strict=True))
+            if weights
+            else {t: i + 1.0 for i, t in enumerate(tasks)}
+        )
         rows += [{"step": step, "split": "train", "task": t, "loss": 1.0, "weight": raw[t]} for t in tasks]
         rows.append(
             {
@@ -116,8 +122,44 @@ def test_table_aggregates_over_seeds(sweep):
     assert uniform["spread final/initial"] == "0.250 ± 0.000"
     # coba seed 1: a 1.8 > 1.7 * 1.01 and b 3.1 > 3.0 * 1.01 rose; seed 2: only b (2.9 > 2.8 * 1.01)
     assert coba["tasks rose"] == "1.5 ± 0.7" and uniform["tasks rose"] == "0.0 ± 0.0"
-    assert uniform["steps/s"] == "2.00 ± 0.00" and coba["steps/s"] == "1.67 ± 0.00"
-    assert coba["overhead vs uniform"] == "+20.0%"  # 0.6 s vs 0.5 s per step
+    assert uniform["steps/s (unpaired)"] == "2.00 ± 0.00" and coba["steps/s (unpaired)"] == "1.67 ± 0.00"
+    assert coba["overhead vs uniform (unpaired)"] == "+20.0%"  # 0.6 s vs 0.5 s per step
+    # rise = final / best - 1, mean over seeds: a (1.8/1.7 - 1 + 0) / 2; b (3.1/3.0 - 1 + 2.9/2.8 - 1) / 2
+    assert coba["a rise"] == f"{(1.8 / 1.7 - 1) / 2 * 100:+.1f}%" and uniform["b rise"] == "+0.0%"
+    assert coba["b rise"] == f"{(3.1 / 3.0 + 2.9 / 2.8 - 2) / 2 * 100:+.1f}%"
+
+
+def test_winner_line_names_the_best_balancer_with_its_spread(sweep):
+    from mtft.report.present import winners
+
+    line = winners(build_report([sweep]))
+    # overall: coba 2.425 ± 0.035 vs uniform 2.600 ± 0.141: 0.175 apart, more than either spread
+    assert "overall (mean final): **coba** 2.425 ± 0.035, 0.175 ahead of uniform;" in line
+    # a: coba 1.85 vs uniform 2.1 (spread 0.141): a win; b: coba 3.0 ± 0.141 vs uniform 3.1 ± 0.141: a tie
+    assert "a: **coba** 1.850 ± 0.071, 0.250 ahead of uniform;" in line
+    assert "b: **coba** 3.000 ± 0.141, 0.100 ahead of uniform (within the seed spread: a tie)." in line
+
+
+def test_weight_shares_leave_out_the_warmup(tmp_path):
+    from mtft.report.present import weights_table
+
+    equal, moved = [0.5, 0.5], [[0.6, 0.4], [0.8, 0.2], [0.7, 0.3]]
+    fake_run(tmp_path / "u", "uniform", 1, {"a": 2.0, "b": 3.0}, max_steps=4, weights=[[1.0, 1.0]] * 4)
+    fake_run(tmp_path / "c", "coba", 1, {"a": 2.0, "b": 3.0}, max_steps=5, weights=[equal, equal, *moved])
+    report = build_report([tmp_path / "u", tmp_path / "c"])
+    coba = report.results[1]
+    assert coba.weight_share["a"].mean == pytest.approx(0.7)  # steps 3-5 only
+    assert coba.weight_sd["b"].mean == pytest.approx(statistics.pstdev([0.4, 0.2, 0.3]))
+    rows = parse_table(weights_table(report))
+    assert rows["uniform"]["a share ± sd"] == "fixed" and rows["coba"]["a share ± sd"] == "0.700 ± 0.082"
+
+
+def test_val_curves_stay_readable_with_two_evaluations(sweep):
+    from mtft.report.plots import val_curves_figure
+
+    fig = val_curves_figure(build_report([sweep]))  # evaluations at steps 0 and 2 only
+    low, high = fig.axes[0].get_ylim()
+    assert low < 1.8 and high > 4.0  # both the step-0 loss and every final one are in view
 
 
 def test_weights_are_normalized_per_step(sweep):
@@ -198,7 +240,7 @@ def test_sweep_recipe_composes(run_mtft):
         ).stdout
     )
     assert job["balancer"]["_target_"] == "mtft.balancers.coba.CoBa"
-    assert (job["balancer"]["warmup_steps"], job["balancer"]["history_length"]) == (25, 50)
+    assert (job["balancer"]["warmup_steps"], job["balancer"]["history_length"]) == (25, 6)
 
 
 # --- a real sweep, then the report --------------------------------------------------------------
@@ -228,7 +270,7 @@ def test_sweep_then_report(run_mtft, tiny_sweep):
                 assert row[f"{task} {kind}"] == expected, (name, task, kind)
         means = [statistics.fmean(s["final_val_loss"].values()) for s in mine]
         assert row["mean final"] == f"{statistics.fmean(means):.3f} ± {statistics.stdev(means):.3f}"
-        assert float(row["steps/s"].split(" ± ")[0]) > 0
+        assert float(row["steps/s (unpaired)"].split(" ± ")[0]) > 0
     assert rows["uniform"]["Δ vs uniform"] in ("+0.0%", "-0.0%")
 
     out = tiny_sweep / "report"

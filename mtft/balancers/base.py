@@ -4,13 +4,15 @@ A balancer sees only per-task losses (and, if it asks, the model's shared parame
 touches data or the backend. The trainer drives it:
 
     setup(model)                          once, before training
+    plan(max_steps)                       once, before training (and before a checkpoint is restored)
     observe_val(0, losses, present)       the initial per-task validation losses
     every optimizer step t:
         combine(TaskLosses) -> loss       per micro-batch; the trainer calls backward on the result
         observe_step(t, TaskLosses)       after the update (the same batch re-evaluated if
                                           `recompute_after_step`, else the step's own losses)
-        observe_val(t, losses, present)   every `val_interval` steps if > 0, on `val_batches`
-                                          mixed validation batches drawn without gradients
+        observe_val(t, losses, present)   every `val_interval` steps if > 0, without gradients, on
+                                          the same `probe_rows_per_task` validation rows of every
+                                          task if > 0, else on `val_batches` random mixed batches
 
 It is usable without a model: feed `observe_*` per-task losses and read `weights()`.
 """
@@ -63,6 +65,7 @@ class Balancer(ABC):
 
     val_interval: int = 0
     val_batches: int = 1
+    probe_rows_per_task: int = 0
     recompute_after_step: bool = False
     needs_parameters: bool = False  # takes gradients of whole model parameters (not with ZeRO-3)
     # Each task's rows in a forward of their own (same losses and model gradient), handed over as
@@ -92,6 +95,9 @@ class Balancer(ABC):
 
     def setup(self, model: torch.nn.Module) -> None:  # noqa: B027 - optional hook
         """Called once before training; balancers that need model parameters take them here."""
+
+    def plan(self, max_steps: int) -> None:  # noqa: B027 - optional hook
+        """Called once before training with the run's length, for settings chosen from it."""
 
     def observe_step(self, step: int, losses: TaskLosses) -> None:  # noqa: B027 - optional hook
         """Called after optimizer step `step` with detached per-task training losses."""

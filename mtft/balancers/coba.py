@@ -8,6 +8,7 @@ follows docs/design.md ("Balancers" / CoBa); where the reference differs, a comm
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import deque
 from collections.abc import Sequence
@@ -18,7 +19,23 @@ import torch
 
 from mtft.balancers.base import Balancer
 from mtft.core.errors import MtftError
-from mtft.core.schema import MAX_INT, positive, require
+from mtft.core.schema import MAX_INT, Choice, choice, positive, require
+
+log = logging.getLogger(__name__)
+REFERENCE_WARMUP = 100  # the reference's warm-up, for runs of 1,000 steps or more
+
+
+class Probe(Choice):
+    """Which validation rows a CoBa probe evaluates."""
+
+    # The same `probe_rows` rows of every task at each probe: every task present, no sampling noise.
+    stratified = "stratified"
+    # `sample_valid_num` random mixed batches of `trainer.batch_size` rows, as MFTCoder samples them.
+    reference = "reference"
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def least_squares_slope(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -46,19 +63,35 @@ def _normalize_by_abs_sum(values: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return torch.where(total > 0, values / torch.where(total > 0, total, torch.ones_like(total)), 0.0)
 
 
+class Divergence(Choice):
+    """Whose slope the Divergence Factor watches."""
+
+    # The largest task slope max_i alpha_i: DF falls as soon as any task's loss turns up.
+    steepest_task = "steepest_task"
+    # The slope of the curve max_i v_i (the reference): only sees the task with the least progress.
+    max_curve = "max_curve"
+
+
 @dataclass
 class CobaBalancerConfig:
     """CoBa (Gong et al., EMNLP 2024): weights from the slopes of normalized validation-loss curves."""
 
     _target_: str = "mtft.balancers.coba.CoBa"
     name: str = "coba"
-    # Equal weights for the first steps (reference: about the number of validation batches).
-    warmup_steps: int = 100
-    # Validation probes in the slope window; 2-5x warmup_steps (longer = smoother weights).
-    history_length: int = 200
+    # Equal weights for the first steps; null: min(100, trainer.max_steps // 10) (the reference's 100).
+    warmup_steps: int | None = None
+    # Probes in the slope window; null: as many as span 2x warmup_steps (the paper advises 2-5x).
+    history_length: int | None = None
     tau: float = 5.0  # temperature of the divergence factor
-    update_interval: int = 1  # probe the validation set and update the weights every N steps
-    sample_valid_num: int = 1  # validation batches per probe
+    update_interval: int = 8  # probe the validation set and update the weights every N steps
+    probe: Probe = Probe.stratified  # which validation rows a probe evaluates
+    probe_rows: int = 16  # stratified: validation rows of each task per probe
+    sample_valid_num: int = 1  # reference: random mixed validation batches per probe
+    # The paper's DF = min(DF, 1), so RCS never weighs more than "all of it"; the reference does not cap.
+    cap_divergence: bool = True
+    divergence: Divergence = Divergence.steepest_task  # whose slope the divergence factor watches
+    # Each update moves the weights this fraction of the way to the new ones (1: jump, as the reference).
+    smoothing: float = 0.3
 
     def __post_init__(self) -> None:
         def integer(key: str, low: int, why: str = "") -> None:
@@ -67,11 +100,38 @@ class CobaBalancerConfig:
             require(ok, f"balancer.{key}", f"an integer >= {low}{why}", value)
             require(value <= MAX_INT, f"balancer.{key}", f"<= {MAX_INT}", value)
 
-        integer("warmup_steps", 0)
-        integer("history_length", 2, " (a slope needs two points)")
+        if self.warmup_steps is not None:
+            integer("warmup_steps", 0)
+        if self.history_length is not None:
+            integer("history_length", 2, " (a slope needs two points)")
         positive("balancer.tau", self.tau)
+        require(
+            _number(self.smoothing) and 0 < self.smoothing <= 1,
+            "balancer.smoothing",
+            "in (0, 1]",
+            self.smoothing,
+        )
         integer("update_interval", 1)
+        self.probe = choice("balancer.probe", Probe, self.probe)
+        self.divergence = choice("balancer.divergence", Divergence, self.divergence)
+        integer("probe_rows", 1)
         integer("sample_valid_num", 1)
+        require(
+            isinstance(self.cap_divergence, bool),
+            "balancer.cap_divergence",
+            "true or false",
+            self.cap_divergence,
+        )
+
+    def window(self, max_steps: int | None) -> tuple[int, int]:
+        """(warm-up steps, probes in the slope window), the null ones chosen from the run's length."""
+        warmup = self.warmup_steps
+        if warmup is None:
+            warmup = REFERENCE_WARMUP if max_steps is None else min(REFERENCE_WARMUP, max_steps // 10)
+        history = self.history_length
+        if history is None:
+            history = max(2, -(-2 * max(warmup, 1) // self.update_interval))
+        return warmup, history
 
 
 class CoBa(Balancer):
@@ -107,15 +167,27 @@ class CoBa(Balancer):
     def __init__(self, tasks: Sequence[str], **options: Any) -> None:
         super().__init__(tasks)
         self.config = cfg = self.config_class(**options)
-        self.warmup_steps = cfg.warmup_steps
-        self.history_length = history_length = cfg.history_length
         self.tau = float(cfg.tau)
-        self.update_interval = update_interval = cfg.update_interval
-        self.sample_valid_num = sample_valid_num = cfg.sample_valid_num
-        # The trainer probes the validation set through these two interface attributes.
-        self.val_interval = update_interval
-        self.val_batches = sample_valid_num
+        # The trainer probes the validation set through these interface attributes.
+        self.val_interval = cfg.update_interval
+        self.val_batches = cfg.sample_valid_num
+        self.probe_rows_per_task = cfg.probe_rows if cfg.probe == Probe.stratified else 0
+        self._reset(*cfg.window(None))
 
+    def plan(self, max_steps: int) -> None:
+        """Choose the null warm-up/window from the run's length; warn when the run never leaves warm-up."""
+        self._reset(*self.config.window(max_steps))
+        if self.warmup_steps >= max_steps:
+            log.warning(
+                "CoBa never leaves its warm-up: balancer.warmup_steps=%d >= trainer.max_steps=%d, so every "
+                "weight stays equal (lower balancer.warmup_steps, or leave it null to choose it from max_steps)",
+                self.warmup_steps,
+                max_steps,
+            )
+
+    def _reset(self, warmup_steps: int, history_length: int) -> None:
+        """Empty history for a warm-up of `warmup_steps` steps and a window of `history_length` probes."""
+        self.warmup_steps, self.history_length = warmup_steps, history_length
         T = self.num_tasks
         self._initial: list[float | None] = [None] * T  # L_i(0)
         self._last: list[float] = [1.0] * T  # latest v_i, carried over probes that miss the task
@@ -181,7 +253,10 @@ class CoBa(Balancer):
         rows = torch.tensor(list(self._values), dtype=torch.float64)  # (n, T): v(t) per probe
 
         alpha = least_squares_slope(x, rows.T.contiguous())  # (T,)
-        alpha_max = float(least_squares_slope(x, rows.amax(dim=1)))
+        if self.config.divergence == Divergence.max_curve:
+            alpha_max = float(least_squares_slope(x, rows.amax(dim=1)))
+        else:
+            alpha_max = float(alpha.max())
         self._task_slopes.append(alpha.tolist())
         self._max_slopes.append(alpha_max)
 
@@ -197,12 +272,15 @@ class CoBa(Balancer):
         max_hist = torch.tensor(self._max_slopes, dtype=torch.float64)
         n_max = max_hist.numel()
         df = float(n_max * torch.softmax(-self.tau * n_max * _normalize_by_abs_sum(max_hist), dim=0)[-1])
+        if self.config.cap_divergence:
+            df = min(df, 1.0)
 
         w = torch.softmax(T * (df * rcs + (1.0 - df) * acs), dim=0)
         floor = 1.0 / (10 * T)
         if bool((w < floor).any()):
             w = w * (1.0 - T * floor) + floor
-        self._weights = w
+        # A convex step toward the new weights: still on the simplex and above the floor.
+        self._weights = self._weights + self.config.smoothing * (w - self._weights)
         self._rcs, self._acs, self._df = rcs, acs, df
 
     # -- state -----------------------------------------------------------------------------------
@@ -210,6 +288,7 @@ class CoBa(Balancer):
     def state_dict(self) -> dict[str, Any]:
         return {
             "tasks": list(self.tasks),
+            "window": [self.warmup_steps, self.history_length],
             "initial": list(self._initial),
             "last": list(self._last),
             "steps": list(self._steps),
@@ -225,6 +304,7 @@ class CoBa(Balancer):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if list(state["tasks"]) != self.tasks:
             raise MtftError(f"CoBa state is for tasks {list(state['tasks'])}, this run has {self.tasks}")
+        self._reset(*state["window"])
         self._initial = [None if v is None else float(v) for v in state["initial"]]
         self._last = [float(v) for v in state["last"]]
         self._steps = deque((int(s) for s in state["steps"]), maxlen=self.history_length)

@@ -10,12 +10,15 @@ reference code (Cranial-XIX/FAMO, `famo.py`). O(T) extra time and memory; no ext
 
 Where `L'` comes from (`post_step_loss`):
 
-- `recompute` (the reference's own loop): the trainer re-evaluates the step's last micro-batch
-  without gradients after the update; `L` is the loss `combine` saw on that same micro-batch.
-- `next_batch` (free; LibMTL and the reference's toy experiment): `observe_step(t, L_t)` gets step
-  t's own (pre-update, accumulated over micro-batches) losses and updates with
-  `delta = log(L_{t-1} - m + eps) - log(L_t - m + eps)` from the stored previous step. Since the
-  weights of step t are read before its losses exist, the logits lag LibMTL's by one step.
+- `recompute` (the default; FAMO's reference experiments and LibMTL's trainer): the trainer
+  re-evaluates the step's last micro-batch without gradients after the update, so `L` and `L'` are
+  the same batch before and after the step; `L` is the loss `combine` saw on it. Costs one no-grad
+  forward of one micro-batch per step.
+- `next_batch` (a cheaper approximation, no extra forward): `observe_step(t, L_t)` gets step t's own
+  (pre-update, accumulated over micro-batches) losses and updates with `delta = log(L_{t-1} - m +
+  eps) - log(L_t - m + eps)` from the stored previous step. The two losses come from different
+  batches, so batch-to-batch noise enters `delta`; and since the weights of step t are read before
+  its losses exist, the logits lag by one step.
 
 Tasks absent from a batch take no part: `combine` renormalizes `z` over the present tasks, and the
 logit update uses only tasks present before *and* after (softmax restricted to them); the logits and
@@ -39,8 +42,8 @@ from mtft.core.schema import Choice, at_least, choice, finite, positive
 class PostStepLoss(Choice):
     """Where FAMO's post-step loss L' comes from."""
 
-    next_batch = "next_batch"  # the next step's own losses (free)
     recompute = "recompute"  # the step's last micro-batch re-evaluated after the update (one no-grad forward)
+    next_batch = "next_batch"  # the next step's own losses: free, but a different batch (noisier)
 
 
 # (per-task losses, present mask), float32 / bool on the CPU
@@ -58,7 +61,7 @@ class FamoBalancerConfig:
     gamma: float = 0.001
     min_losses: dict[str, float] = field(default_factory=dict)  # per-task loss floor m_i; unlisted tasks: 0
     eps: float = 1e-8  # added inside log(L - m + eps)
-    post_step_loss: PostStepLoss = PostStepLoss.next_batch
+    post_step_loss: PostStepLoss = PostStepLoss.recompute
 
     def __post_init__(self) -> None:
         self.post_step_loss = choice("balancer.post_step_loss", PostStepLoss, self.post_step_loss)

@@ -1,7 +1,9 @@
 """The embedded `codetasks` mixture, built offline from the Python standard library.
 
 Every function of the interpreter's stdlib (tests skipped) becomes examples for several tasks:
-code_completion, docstring_to_code, code_to_docstring and function_naming. A function belongs to the
+code_completion, docstring_to_code, code_to_docstring, function_naming and returns_value (a yes/no
+answer whose loss falls an order of magnitude below the others': the scale-imbalanced scenario,
+conf/data/codetasks_scaled.yaml). A function belongs to the
 train or the validation split by a hash of its module path and qualified name, so no function (and
 so no text) is in both. Task sizes and difficulties differ on purpose: that is what balancers are for.
 """
@@ -22,8 +24,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-BUILDER_VERSION = 1
-TASKS = ("code_completion", "docstring_to_code", "code_to_docstring", "function_naming")
+BUILDER_VERSION = 2
+TASKS = ("code_completion", "docstring_to_code", "code_to_docstring", "function_naming", "returns_value")
+RETURNS_VALUE = re.compile(r"^\s*return\s+(?!None\s*$)\S", re.MULTILINE)
 SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "turtledemo"}
 MIN_LINES, MAX_LINES, MAX_CHARS = 3, 60, 2500
 
@@ -112,6 +115,11 @@ def examples_for(fn: Function) -> dict[str, Example]:
             "prompt": "# name the function ___\n" + masked + "\n# name:",
             "response": " " + fn.name,
         }
+    answer = "yes" if RETURNS_VALUE.search(fn.source) else "no"
+    out["returns_value"] = {
+        "prompt": "# does the function return a value?\n" + fn.source + "\n# answer:",
+        "response": " " + answer,
+    }
     if fn.docstring and fn.doc_span:
         start, end = fn.doc_span
         body = lines[end:]

@@ -19,6 +19,12 @@ def fixed_eval_rows(data: TokenizedMixture, per_task: int) -> list[int]:
     return [row for rows in data.val_rows for row in rows[:per_task]]
 
 
+def stratified_probe_rows(data: TokenizedMixture, per_task: int) -> list[int]:
+    """The last `per_task` validation rows of every task: a stratified probe, the same rows each time
+    (apart from the evaluation's first rows wherever a task has enough)."""
+    return [row for rows in data.val_rows for row in rows[-per_task:]]
+
+
 def random_eval_rows(data: TokenizedMixture, n: int, generator: torch.Generator) -> list[int]:
     """`n` validation rows drawn at random over the whole mixture (a mixed batch, as CoBa samples)."""
     total = len(data.validation)

@@ -31,7 +31,7 @@ from mtft.data.sampler import MixtureSampler
 from mtft.engine.backend import Backend
 from mtft.engine.checkpoint import Checkpointer, RngState
 from mtft.engine.config import TrainerConfig
-from mtft.engine.evaluation import fixed_eval_rows, random_eval_rows, task_losses
+from mtft.engine.evaluation import fixed_eval_rows, random_eval_rows, stratified_probe_rows, task_losses
 from mtft.engine.forward import task_token_loss, task_token_loss_by_task
 from mtft.loggers.base import Row, Tracker
 
@@ -156,8 +156,11 @@ class Trainer:
         self._guard_combine = type(balancer).combine is not Balancer.combine
         self.eval_rows = fixed_eval_rows(data, cfg.eval_batches * cfg.eval_batch_size)
         self.result, self.progress = TrainResult(), Progress()
-        # Draws the probe batches of balancers that validate as they train (CoBa).
+        # Draws the probe batches of balancers that validate as they train (CoBa), unless they
+        # probe the same rows of every task each time.
         self.probe_rng = torch.Generator().manual_seed(seed)
+        per_task = balancer.probe_rows_per_task
+        self.probe_rows = stratified_probe_rows(data, per_task) if per_task else None
         self.checkpointer = Checkpointer(
             run_dir,
             shared={
@@ -212,6 +215,7 @@ class Trainer:
         cfg, backend, balancer = self.cfg, self.backend, self.balancer
         result, progress = self.result, self.progress
         balancer.setup(self.module)
+        balancer.plan(cfg.max_steps)
         if resume_from is None:
             first_step = 1
             initial = self.evaluate(0)
@@ -301,11 +305,14 @@ class Trainer:
             observed = TaskLosses(local=stats.mean, mean=stats.mean, present=stats.present)
         balancer.observe_step(step, observed)
         if balancer.val_interval and step % balancer.val_interval == 0:
-            # A probe batch is one training micro-batch (`batch_size` rows per rank), as in the CoBa
-            # reference (MFTCoder's eval batch = train batch), not `eval_batch_size`: the probe runs
-            # every step. The ranks draw the same global rows and each evaluates its own share.
-            n = balancer.val_batches * self.cfg.batch_size * world_size()
-            rows = random_eval_rows(self.data, n, self.probe_rng)[rank() :: world_size()]
+            # A random probe batch is one training micro-batch (`batch_size` rows per rank), as in the
+            # CoBa reference (MFTCoder's eval batch = train batch), not `eval_batch_size`: the probe
+            # runs often. The ranks draw the same global rows and each evaluates its own share.
+            rows = self.probe_rows
+            if rows is None:
+                n = balancer.val_batches * self.cfg.batch_size * world_size()
+                rows = random_eval_rows(self.data, n, self.probe_rng)
+            rows = rows[rank() :: world_size()]
             balancer.observe_val(
                 step,
                 *task_losses(

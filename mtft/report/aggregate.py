@@ -49,6 +49,7 @@ class BalancerResult:
     runs: list[Run]
     final: dict[str, Stat]
     best: dict[str, Stat]
+    rise: dict[str, Stat]  # final / best - 1: how far a task has come back up from its best
     mean_final: Stat
     mean_best: Stat
     spread: Stat  # max - min across tasks of final / initial validation loss
@@ -56,6 +57,8 @@ class BalancerResult:
     steps_per_s: Stat
     eval: dict[tuple[str, str], Stat]  # (task, metric) -> over the runs with eval.json
     eval_score: Stat  # eval.json's mean score
+    weight_share: dict[str, Stat]  # the task's mean weight / sum of weights once they move
+    weight_sd: dict[str, Stat]  # its standard deviation over those steps (per run, then over runs)
 
 
 @dataclass
@@ -122,6 +125,11 @@ def check_comparable(runs: list[Run], warnings: list[str]) -> list[Run]:
 
 
 def aggregate(name: str, runs: list[Run], tasks: list[str], tolerance: float) -> BalancerResult:
+    per_run = [moving_shares(r, tasks) for r in runs]
+
+    def shares(task: str) -> list[list[float]]:
+        return [m[task] for m in per_run]
+
     def spread(run: Run) -> float:
         normalized = [run.final[t] / run.initial[t] for t in tasks if run.initial[t] > 0]
         if len(normalized) < len(tasks) or not all(map(math.isfinite, normalized)):
@@ -136,6 +144,7 @@ def aggregate(name: str, runs: list[Run], tasks: list[str], tolerance: float) ->
         mean_final=Stat.of([statistics.fmean(r.final[t] for t in tasks) for r in runs]),
         mean_best=Stat.of([statistics.fmean(r.best[t] for t in tasks) for r in runs]),
         spread=Stat.of([spread(r) for r in runs]),
+        rise={t: Stat.of([r.final[t] / r.best[t] - 1 for r in runs if r.best[t] > 0]) for t in tasks},
         rose=Stat.of([float(sum(r.final[t] > r.best[t] * (1 + tolerance) for t in tasks)) for r in runs]),
         steps_per_s=Stat.of([r.steps_per_s for r in runs]),
         eval={
@@ -144,7 +153,27 @@ def aggregate(name: str, runs: list[Run], tasks: list[str], tolerance: float) ->
             for m in {m for r in runs for m in r.eval.get(t, {})}
         },
         eval_score=Stat.of([r.eval_score for r in runs]),
+        weight_share={t: Stat.of([statistics.fmean(s) for s in shares(t) if s]) for t in tasks},
+        weight_sd={t: Stat.of([statistics.pstdev(s) for s in shares(t) if s]) for t in tasks},
     )
+
+
+def moving_shares(run: Run, tasks: list[str]) -> dict[str, list[float]]:
+    """Each task's weight / sum of weights at every step from the first step whose weights differ from
+    step 1's on (a warm-up of equal weights left out); empty for weights that never move."""
+    steps = sorted(s for s, w in run.weights.items() if all(t in w for t in tasks) and sum(w.values()) > 0)
+    shares = [[run.weights[s][t] / sum(run.weights[s].values()) for t in tasks] for s in steps]
+    first = shares[0] if shares else []
+    start = next(
+        (
+            i
+            for i, row in enumerate(shares)
+            if max(abs(a - b) for a, b in zip(row, first, strict=True)) > 1e-9
+        ),
+        len(shares),
+    )
+    moving = shares[start:]
+    return {t: [row[j] for row in moving] for j, t in enumerate(tasks)}
 
 
 Curve = tuple[list[int], list[float], list[float], list[float]]  # steps, mean, min, max over runs

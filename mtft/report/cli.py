@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from mtft.report.aggregate import build_report
-from mtft.report.present import markdown_table, write_report
+from mtft.report.present import markdown_table, winners, write_report
 
 
 def main(argv: list[str]) -> int:
@@ -41,6 +41,8 @@ def main(argv: list[str]) -> int:
         return 1
     table = markdown_table(report)
     print(table)
+    print()
+    print(winners(report))
     files = write_report(report, args.out or args.paths[0] / "report", table)
     print("wrote " + ", ".join(map(str, files)), file=sys.stderr)
     return 0

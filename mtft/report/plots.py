@@ -25,22 +25,32 @@ def _color(i: int) -> str:
 
 def plot_val_curves(report: Report, path: Path) -> Path:
     """One subplot per task, one line per balancer (mean over seeds, band = min..max)."""
+    val_curves_figure(report).savefig(path, dpi=110)
+    return path
+
+
+def val_curves_figure(report: Report) -> Figure:
+    """The validation-curve plot: zoomed in below the step-0 loss when curves have 3+ evaluations."""
     rows, cols = _grid(len(report.tasks))
     fig = Figure(figsize=(5.2 * cols, 3.6 * rows), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax, task in zip(axes, report.tasks, strict=False):
         later: list[float] = []  # values after the first evaluation: they set the zoom
+        lows: list[float] = []
+        few = False  # a curve of one or two points: nothing to zoom into
         for i, res in enumerate(report.results):
             steps, mean, low, high = val_curve(res, task)
             if not steps:
                 continue
-            ax.plot(steps, mean, color=_color(i), label=res.name, marker=".", linewidth=1.5)
+            ax.plot(steps, mean, color=_color(i), label=res.name, marker="o" if len(steps) < 8 else ".")
             if len(res.runs) > 1:
                 ax.fill_between(steps, low, high, color=_color(i), alpha=0.15, linewidth=0)
             later += high[1:]
-        if later:  # zoom past the step-0 loss, which would flatten the differences that matter
-            low_all = min(v for res in report.results for v in val_curve(res, task)[2])
-            ax.set_ylim(low_all - 0.03 * (max(later) - low_all), max(later) + 0.05 * (max(later) - low_all))
+            lows += low
+            few = few or len(steps) < 3
+        if later and not few:  # zoom past the step-0 loss, which would flatten the differences that matter
+            span = max(max(later) - min(lows), 1e-3 * abs(max(later)), 1e-6)
+            ax.set_ylim(min(lows) - 0.03 * span, max(later) + 0.05 * span)
         ax.set_title(task)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("step")
@@ -49,9 +59,11 @@ def plot_val_curves(report: Report, path: Path) -> Path:
     for ax in axes[len(report.tasks) :]:
         ax.set_visible(False)
     axes[0].legend(fontsize="small")
-    fig.suptitle("Validation loss per task (mean over seeds, band: min–max; zoomed in below the step-0 loss)")
-    fig.savefig(path, dpi=110)
-    return path
+    fig.suptitle(
+        "Validation loss per task (mean over seeds, band: min–max; zoomed in below the step-0 loss "
+        "when there are three or more evaluations)"
+    )
+    return fig
 
 
 def plot_weights(report: Report, path: Path) -> Path:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from mtft.report.aggregate import Report
+from mtft.report.aggregate import Report, Stat
 
 
 def _pct(value: float) -> str:
@@ -24,11 +24,11 @@ def markdown_table(report: Report) -> str:
         f"Δ best vs {report.baseline}",
         "spread final/initial",
         "tasks rose",
-        "steps/s",
-        f"overhead vs {report.baseline}",
+        "steps/s (unpaired)",
+        f"overhead vs {report.baseline} (unpaired)",
     ]
     for task in report.tasks:
-        header += [f"{task} final", f"{task} best"]
+        header += [f"{task} final", f"{task} best", f"{task} rise"]
     evals = report.eval_columns
     if evals:
         header += ["eval score", *(f"{task} {metric}" for task, metric in evals)]
@@ -53,7 +53,8 @@ def markdown_table(report: Report) -> str:
             _pct(overhead),
         ]
         for task in report.tasks:
-            cells += [res.final[task].fmt(), res.best[task].fmt()]
+            rise = res.rise[task]
+            cells += [res.final[task].fmt(), res.best[task].fmt(), _pct(rise.mean) if rise.n else "–"]
         if evals:
             cells += [
                 res.eval_score.fmt(1),
@@ -61,6 +62,44 @@ def markdown_table(report: Report) -> str:
             ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def weights_table(report: Report) -> str:
+    """Each task's share of the weights (weight / sum) once they move, ± its standard deviation over
+    those steps (averaged over seeds): where a balancer put the weight, and how steadily."""
+    header = ["balancer", *(f"{t} share ± sd" for t in report.tasks)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * len(report.tasks)) + "|"]
+    for res in report.results:
+        cells = [
+            f"{res.weight_share[t].mean:.3f} ± {res.weight_sd[t].mean:.3f}"
+            if res.weight_share[t].n
+            else "fixed"
+            for t in report.tasks
+        ]
+        lines.append("| " + " | ".join([res.name, *cells]) + " |")
+    return "\n".join(lines)
+
+
+def winners(report: Report) -> str:
+    """Which balancer has the lowest mean final validation loss, per task and overall, with the seed
+    spread of the winner and the margin to the runner-up (a margin inside the spread is a tie)."""
+
+    def verdict(label: str, stats: list[tuple[str, Stat]]) -> str:
+        ranked = sorted(((st.mean, name, st) for name, st in stats if st.n), key=lambda x: (x[0], x[1]))
+        if not ranked:
+            return f"{label}: –"
+        mean, name, st = ranked[0]
+        text = f"{label}: **{name}** {st.fmt()}"
+        if len(ranked) > 1:
+            margin = ranked[1][0] - mean
+            spread = max(st.std, ranked[1][2].std)
+            tie = " (within the seed spread: a tie)" if margin <= spread else ""
+            text += f", {margin:.3f} ahead of {ranked[1][1]}{tie}"
+        return text
+
+    overall = verdict("overall (mean final)", [(r.name, r.mean_final) for r in report.results])
+    per_task = [verdict(t, [(r.name, r.final[t]) for r in report.results]) for t in report.tasks]
+    return "Lowest final validation loss: " + overall + "; " + "; ".join(per_task) + "."
 
 
 def legend(report: Report) -> str:
@@ -71,8 +110,11 @@ def legend(report: Report) -> str:
         "*spread final/initial*: max − min across tasks of the final validation loss divided by the "
         "step-0 one (small = tasks converged evenly). "
         f"*tasks rose*: tasks whose final loss is more than {report.tolerance:.0%} above their best "
-        "(started to overfit). *steps/s*: optimizer steps per second of training time (evaluations "
-        f"excluded); *overhead*: extra time per step vs {report.baseline}."
+        "(started to overfit); *rise*: final / best − 1, mean over seeds. *steps/s*: optimizer steps "
+        "per second from each run's median time per training step (evaluations excluded); "
+        f"*overhead*: extra time per step vs {report.baseline}. Both are *unpaired*: runs that ran at "
+        "different times or side by side on a shared machine see different loads, so small differences "
+        "mean nothing; measure a balancer's cost side by side (BENCHMARKS.md, balancer overhead)."
         + (
             " *eval score* and *<task> <metric>*: from each run's eval.json (`mtft eval` or "
             "`trainer.eval_at_end`), 0-100, higher is better; the score is the mean over tasks of each "
@@ -100,7 +142,13 @@ def write_report(report: Report, out_dir: Path, table: str) -> list[Path]:
         "",
         table,
         "",
+        winners(report),
+        "",
         legend(report),
+        "",
+        "## Task weights: share of the total once they move (± sd over those steps)",
+        "",
+        weights_table(report),
         "",
         "## Validation loss per task",
         "",

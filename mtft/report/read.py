@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,14 +122,15 @@ def balancer_name(summary: dict[str, Any], config: dict[str, Any]) -> str:
 def _steps_per_s(
     rows: list[dict[str, Any]], summary: dict[str, Any], path: Path, warnings: list[str]
 ) -> float:
-    """Optimizer steps per second of training time (evaluations excluded), from the train rows."""
+    """Optimizer steps per second from the median time of a training step (evaluations excluded), so a
+    few steps slowed by a busy machine do not move it."""
     seconds = [
         r["tokens"] / r["tokens_per_s"]
         for r in rows
         if r["split"] == "train" and r["task"] == "all" and r.get("tokens") and r.get("tokens_per_s")
     ]
     if seconds:
-        return len(seconds) / sum(seconds)
+        return 1 / statistics.median(seconds)
     wall = summary.get("wall_s")
     if wall:
         warnings.append(
