@@ -41,6 +41,9 @@ SECTIONS = {
 ZERO_OK = {
     "seed",
     "model.build.init_seed",
+    "data.num_workers",
+    "eval.temperature",
+    "eval.seed",
     "trainer.weight_decay",
     "trainer.adam_beta1",
     "trainer.adam_beta2",

@@ -247,7 +247,8 @@ CONTEXT = {
     "peft.": ["peft=lora"],
     "trainer.pure_bf16=": ["trainer.precision=bf16"],
     "model.chat_template=": ["model.prompt_format=chat"],
-    "data=": ["+data.tasks.t.train=[README.md]"],
+    "data=files": ["+data.tasks.t.train=[README.md]"],
+    "data=jsonl": ["+data.tasks.t.train=[README.md]"],
 }
 
 

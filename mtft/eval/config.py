@@ -23,4 +23,5 @@ class EvalConfig:
         for key in ("batch_size", "max_new_tokens", "sample_prompts"):
             at_least(f"eval.{key}", getattr(self, key), 1)
         at_least("eval.temperature", self.temperature, 0)
+        at_least("eval.seed", self.seed, 0)
         require(0 < self.top_p <= 1, "eval.top_p", "in (0, 1]", self.top_p)
