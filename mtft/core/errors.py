@@ -50,8 +50,9 @@ class StorageError(Exception):
 
 
 def config_error_message(error: BaseException) -> str:
-    """Hydra's or OmegaConf's multi-line message as one line: the innermost cause, prefixed by its key."""
-    while error.__cause__ is not None:
+    """Hydra's or OmegaConf's multi-line message as one line: the innermost cause, prefixed by its key
+    (an MtftError's own message as it is)."""
+    while error.__cause__ is not None and not isinstance(error, MtftError):  # ours is already one line
         error = error.__cause__
     meta = ("full_key:", "object_type=", "reference_type=")
     lines = [

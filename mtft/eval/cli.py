@@ -56,10 +56,7 @@ def main(argv: list[str]) -> int:
             launch_command(dist, ["-m", "mtft", "eval", *argv], out.name)
             return 0
         run(target, out, args.task)
-    except MtftError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (HydraException, OmegaConfBaseException) as e:
+    except (MtftError, HydraException, OmegaConfBaseException) as e:
         print(f"error: {config_error_message(e)}", file=sys.stderr)
         return 2
     return 0

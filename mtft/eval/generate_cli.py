@@ -85,10 +85,7 @@ def main(argv: list[str]) -> int:
         }
         cfg.eval = replace(cfg.eval, **{k: v for k, v in options.items() if v is not None})  # checks again
         answers = run(cfg, prompts, args.task)
-    except MtftError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (HydraException, OmegaConfBaseException) as e:
+    except (MtftError, HydraException, OmegaConfBaseException) as e:
         print(f"error: {config_error_message(e)}", file=sys.stderr)
         return 2
     if args.file:

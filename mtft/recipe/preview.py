@@ -49,10 +49,7 @@ def main(argv: list[str]) -> int:
         if unknown:
             raise MtftError(f"--task {unknown[0]}: not a task of this mixture ({', '.join(cfg.data.tasks)})")
         data = build_data(cfg)
-    except MtftError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (HydraException, OmegaConfBaseException) as e:
+    except (MtftError, HydraException, OmegaConfBaseException) as e:
         print(f"error: {config_error_message(e)}", file=sys.stderr)
         return 2
     console = Console() if sys.stdout.isatty() else Console(width=160)  # whole table in logs and pipes
