@@ -298,7 +298,9 @@ def test_report_of_a_sweep_with_eval_results_shows_the_metric_columns(run_mtft, 
     columns = [f"{t} {METRIC[t]}" for t in TASKS]
     assert header[-5:] == ["eval score", *columns]
     evals = [json.loads((eval_sweep / r / "eval.json").read_text()) for r in ("0", "1")]
-    for line, result in zip(proc.stdout.splitlines()[2:], evals, strict=True):
+    rows = proc.stdout.splitlines()[2 : 2 + len(evals)]  # the table's rows; other tables follow it
+    assert all(row.startswith("|") for row in rows) and not proc.stdout.splitlines()[2 + len(evals)].strip()
+    for line, result in zip(rows, evals, strict=True):
         cells = dict(zip(header, (c.strip() for c in line.strip("|").split("|")), strict=True))
         assert cells["eval score"] == f"{result['mean_score']:.1f}"
         for task in TASKS:

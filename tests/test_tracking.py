@@ -207,6 +207,7 @@ def logged_run(run_mtft, tmp_path_factory):
         "logger.wandb.project=mtft-test",
         "balancer=coba",
         "balancer.warmup_steps=1",
+        "balancer.update_interval=1",  # a probe every step: CoBa's series from step 1 on
         "balancer.history_length=3",
         "seed=1",
         *TINY,
