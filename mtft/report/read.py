@@ -93,11 +93,13 @@ def read_metrics(path: Path, warnings: list[str]) -> list[dict[str, Any]]:
     return rows
 
 
-def _read_json(path: Path, warnings: list[str]) -> dict[str, Any] | None:
+def _read_json(
+    path: Path, warnings: list[str], consequence: str = "the run is treated as unfinished"
+) -> dict[str, Any] | None:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        warnings.append(f"{path}: unreadable ({e}); the run is treated as unfinished")
+        warnings.append(f"{path}: unreadable ({e}); {consequence}")
         return None
     return data if isinstance(data, dict) else None
 
@@ -205,12 +207,7 @@ def _read_eval(run_dir: Path, warnings: list[str]) -> dict[str, Any] | None:
     path = run_dir / EVAL
     if not path.exists():
         return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        warnings.append(f"{path}: unreadable ({e}); the run's eval columns are left empty")
-        return None
-    return data if isinstance(data, dict) else None
+    return _read_json(path, warnings, "the run's eval columns are left empty")
 
 
 def _eval_metrics(evaluation: dict[str, Any], tasks: list[str]) -> dict[str, dict[str, float]]:
