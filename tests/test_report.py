@@ -13,7 +13,8 @@ import yaml
 from mtft.report.aggregate import build_report
 from mtft.report.present import markdown_table
 
-TASKS = ["code_completion", "docstring_to_code", "code_to_docstring", "function_naming"]
+from conftest import CODETASKS
+
 TINY = [
     "trainer.max_steps=4",
     "trainer.eval_interval=2",
@@ -263,7 +264,7 @@ def test_sweep_then_report(run_mtft, tiny_sweep):
     for name, row in rows.items():
         mine = [s for s in summaries if s["balancer"] == name]
         assert row["runs"] == "2" and sorted(s["seed"] for s in mine) == [1, 2]
-        for task in TASKS:
+        for task in CODETASKS:
             for kind in ("final", "best"):
                 values = [s[f"{kind}_val_loss"][task] for s in mine]
                 expected = f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
