@@ -106,6 +106,23 @@ def lora_run(run_mtft, tmp_path_factory) -> tuple[Path, str]:
     return run_dir, proc.stdout + proc.stderr
 
 
+@pytest.fixture(scope="session")
+def tiny_sweep(run_mtft, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """A real sweep of 4-step runs, uniform and famo x seeds 1 and 2 (job dirs 0-3), two jobs at a
+    time on Hydra's joblib launcher, each with samples every 2 steps, an eval at the end (3 examples
+    a task) and TensorBoard; and its process. Shared by the report and eval tests, which read it (the
+    report writes its report/ dir)."""
+    sweep = tmp_path_factory.mktemp("sweep") / "sweep"
+    proc = run_mtft(
+        "train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "balancer=uniform,famo", "seed=1,2",
+        "trainer.max_steps=4", "trainer.eval_interval=2", "trainer.eval_batches=1", "trainer.eval_batch_size=16",
+        "trainer.batch_size=8", "trainer.save_model=false", "trainer.eval_at_end=true", "eval.max_samples=3",
+        "eval.max_new_tokens=12", "trainer.sample_interval=2", "eval.sample_prompts=1", "logger=tensorboard",
+        f"hydra.sweep.dir={sweep}",
+    )  # fmt: skip
+    return sweep, proc
+
+
 def compose_train(overrides: list[str], config_dir: Path | None = None) -> TrainConfig:
     """The config `mtft train <overrides>` would run with, checked against the schema."""
     register_configs()

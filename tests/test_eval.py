@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import statistics
 
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -259,14 +260,9 @@ def test_lora_eval_equals_the_eval_of_its_merged_export(run_mtft, lora_run, tmp_
 
 
 @pytest.fixture(scope="module")
-def eval_sweep(run_mtft, tmp_path_factory):
-    sweep = tmp_path_factory.mktemp("eval-sweep") / "sweep"
-    run_mtft(
-        "train", "-m", "balancer=uniform,famo", *SHORT, *QUICK, "trainer.eval_at_end=true",
-        "trainer.sample_interval=2", "eval.sample_prompts=1", "logger=tensorboard",
-        "trainer.save_model=false", f"hydra.sweep.dir={sweep}",
-    )  # fmt: skip
-    return sweep
+def eval_sweep(tiny_sweep):
+    """conftest's sweep: 4 steps, samples every 2, an eval of 3 examples a task at the end."""
+    return tiny_sweep[0]
 
 
 @pytest.mark.slow
@@ -286,7 +282,7 @@ def test_samples_during_training_go_to_samples_jsonl_and_tensorboard(eval_sweep)
 
 @pytest.mark.slow
 def test_eval_at_end_records_the_metrics_in_summary_json(eval_sweep):
-    for run in ("0", "1"):
+    for run in ("0", "1", "2", "3"):
         summary = json.loads((eval_sweep / run / "summary.json").read_text())
         on_disk = json.loads((eval_sweep / run / "eval.json").read_text())
         assert summary["eval"] == on_disk and list(on_disk["tasks"]) == CODETASKS
@@ -294,19 +290,29 @@ def test_eval_at_end_records_the_metrics_in_summary_json(eval_sweep):
 
 
 @pytest.mark.slow
-def test_report_of_a_sweep_with_eval_results_shows_the_metric_columns(run_mtft, eval_sweep):
-    proc = run_mtft("report", str(eval_sweep))
-    header = [c.strip() for c in proc.stdout.splitlines()[0].strip("|").split("|")]
+def test_report_of_a_sweep_with_eval_results_shows_the_metric_columns(run_mtft, eval_sweep, tmp_path):
+    """Each balancer's row: the mean ± standard deviation over its two seeds' eval.json."""
+    proc = run_mtft("report", str(eval_sweep), "-o", str(tmp_path))
+    lines = proc.stdout.splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
     columns = [f"{t} {METRIC[t]}" for t in CODETASKS]
     assert header[-5:] == ["eval score", *columns]
-    evals = [json.loads((eval_sweep / r / "eval.json").read_text()) for r in ("0", "1")]
-    rows = proc.stdout.splitlines()[2 : 2 + len(evals)]  # the table's rows; other tables follow it
-    assert all(row.startswith("|") for row in rows) and not proc.stdout.splitlines()[2 + len(evals)].strip()
-    for line, result in zip(rows, evals, strict=True):
+    evals: dict[str, list[dict]] = {}
+    for job in ("0", "1", "2", "3"):
+        balancer = json.loads((eval_sweep / job / "summary.json").read_text())["balancer"]
+        evals.setdefault(balancer, []).append(json.loads((eval_sweep / job / "eval.json").read_text()))
+    rows = lines[2 : 2 + len(evals)]  # the table's rows; other tables follow it
+    assert all(row.startswith("|") for row in rows) and not lines[2 + len(evals)].strip()
+
+    def spread(values: list[float]) -> str:
+        return f"{statistics.fmean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+    for line, (balancer, results) in zip(rows, evals.items(), strict=True):
         cells = dict(zip(header, (c.strip() for c in line.strip("|").split("|")), strict=True))
-        assert cells["eval score"] == f"{result['mean_score']:.1f}"
+        assert cells["balancer"] == balancer and len(results) == 2
+        assert cells["eval score"] == spread([r["mean_score"] for r in results])
         for task in CODETASKS:
-            assert cells[f"{task} {METRIC[task]}"] == f"{result['tasks'][task]['score']:.1f}"
+            assert cells[f"{task} {METRIC[task]}"] == spread([r["tasks"][task]["score"] for r in results])
     assert "warning" not in proc.stderr
 
 
