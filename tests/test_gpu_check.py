@@ -19,8 +19,8 @@ from bench import gpu_check  # noqa: E402
 # `mtft train` overrides for the CPU mode's run: 6 steps of 2 see 12 examples, and tokenizing all of
 # codetasks at its max length would cost more than the run.
 FEW_EXAMPLES = [
-    *(f"data.tasks.{task}.max_train_samples=16" for task in CODETASKS),
-    *(f"data.tasks.{task}.max_val_samples=8" for task in CODETASKS),
+    *(f"+data.tasks.{task}.max_train_samples=16" for task in CODETASKS),
+    *(f"+data.tasks.{task}.max_val_samples=8" for task in CODETASKS),
 ]
 
 

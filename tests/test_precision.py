@@ -42,8 +42,8 @@ RUN = [
     "data.max_length=128",
     # 30 steps of 8 see 240 examples: tokenizing all of codetasks for this model would cost more than
     # the finetune (the cap changes nothing that is checked here).
-    *(f"data.tasks.{task}.max_train_samples=64" for task in CODETASKS),
-    *(f"data.tasks.{task}.max_val_samples=8" for task in CODETASKS),
+    *(f"+data.tasks.{task}.max_train_samples=64" for task in CODETASKS),
+    *(f"+data.tasks.{task}.max_val_samples=8" for task in CODETASKS),
 ]
 
 
