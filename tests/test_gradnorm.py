@@ -173,37 +173,36 @@ def test_one_update_follows_the_formulas():
     assert torch.allclose(bal.weights(), ref.detach(), atol=1e-6)
 
 
+def settle(alpha: float, observed) -> tuple[GradNorm, float]:
+    """600 weight updates on a frozen model and a fixed batch, with the task losses `observed(step)`
+    reported after each step: the balancer, and G_small / G_large of the model's real gradients."""
+    torch.manual_seed(0)
+    net = TrunkNet()
+    xs, ys = toy_data(sigmas=(1.0, 5.0))
+    bal = GradNorm(TASKS, alpha=alpha, lr=0.01)
+    bal.setup(net)
+    for step in range(1, 601):
+        local = task_losses(net, xs, ys)
+        bal.combine(TaskLosses(local=local, mean=local.detach(), present=everyone(2)))
+        bal.observe_step(step, TaskLosses.from_values(observed(step)))
+    G = bal.weights() * raw_norms(net, xs, ys)
+    return bal, (G[0] / G[1]).item()
+
+
 def test_fixed_point_is_g_bar_times_r():
     """Frozen model, fixed batch, alpha=1: w_i ||grad L_i|| settles where G_1/G_2 = r_1/r_2.
 
     With alpha=1 the targets sum to sum_i G_i, so the fixed point is exactly reachable (for other
     alpha the additive Adam steps and the renormalization to sum T pull against each other).
     """
-    torch.manual_seed(0)
-    net = TrunkNet()
-    xs, ys = toy_data(sigmas=(1.0, 5.0))
-    bal = GradNorm(TASKS, alpha=1.0, lr=0.01)
-    bal.setup(net)
-    for step in range(1, 601):
-        local = task_losses(net, xs, ys)
-        bal.combine(TaskLosses(local=local, mean=local.detach(), present=everyone(2)))
-        bal.observe_step(step, TaskLosses.from_values([2.0, 3.0] if step == 1 else [1.0, 3.0]))
+    bal, ratio = settle(1.0, lambda step: [2.0, 3.0] if step == 1 else [1.0, 3.0])
     d = bal.diagnostics()
     assert d["gradnorm/G/small"] / d["gradnorm/G/large"] == pytest.approx(0.5, rel=0.03)
-    G = bal.weights() * raw_norms(net, xs, ys)
-    assert (G[0] / G[1]).item() == pytest.approx(0.5, rel=0.03)
+    assert ratio == pytest.approx(0.5, rel=0.03)
 
 
 def test_alpha_zero_equalizes_gradient_norms():
-    torch.manual_seed(0)
-    net = TrunkNet()
-    xs, ys = toy_data(sigmas=(1.0, 5.0))
-    bal = GradNorm(TASKS, alpha=0.0, lr=0.01)
-    bal.setup(net)
-    for step in range(1, 601):
-        local = task_losses(net, xs, ys)
-        bal.combine(TaskLosses(local=local, mean=local.detach(), present=everyone(2)))
-        bal.observe_step(step, TaskLosses.from_values([1.0 / step, 3.0]))  # r differs; alpha=0 ignores it
+    bal, _ = settle(0.0, lambda step: [1.0 / step, 3.0])  # r differs; alpha=0 ignores it
     d = bal.diagnostics()
     assert d["gradnorm/G/small"] == pytest.approx(d["gradnorm/G/large"], rel=0.03)
 
