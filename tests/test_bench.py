@@ -60,10 +60,9 @@ def test_throughput_and_overhead_run_and_render(setup: Setup, tmp_path: Path):
     oh["lean"] = overhead.run_lean(setup, reps=1, batches=1)
     assert all(math.isfinite(v) and v > 0 for k, v in oh["lean"].items() if "/" in k)
 
+    meta = {"started": "now", "wall_s": 1.0, "load_avg": [[0, 0, 0], [0, 0, 0]]}
     results = {
         "mode": "smoke",
-        "started": "now",
-        "wall_s": 1.0,
         "machine": {
             "cpu": "cpu",
             "cores": 2,
@@ -79,8 +78,8 @@ def test_throughput_and_overhead_run_and_render(setup: Setup, tmp_path: Path):
         "model_parameters": 1e6,
         "train_examples": 10,
         "batch_size": 16,
-        "throughput": tp,
-        "overhead": oh,
+        "throughput": {**tp, **meta},
+        "overhead": {**oh, **meta},
     }
     md = tmp_path / "BENCHMARKS.md"
     md.write_text(
@@ -94,6 +93,17 @@ def test_throughput_and_overhead_run_and_render(setup: Setup, tmp_path: Path):
     assert text.count("<!-- bench:throughput -->") == 1 and "<!-- bench:targets -->" in text
     run.rewrite(md, run.render(results))
     assert md.read_text() == text  # idempotent: a second run replaces the same blocks
+    assert "| throughput | now | 0.0 |" in text and "| overhead | now |" in text
+
+
+def test_only_reruns_the_named_part_and_keeps_the_others(setup: Setup, tmp_path: Path):
+    kept = {"overhead": {"by_tasks": {}, "started": "earlier"}, "throughput": {"stale": True}}
+    results = run.run_all("smoke", tmp_path, ["throughput"], kept, log=lambda s: None, setup=setup)
+    assert results["overhead"] == {"by_tasks": {}, "started": "earlier"}
+    assert "stale" not in results["throughput"] and results["throughput"]["ratios"]
+    assert results["throughput"]["wall_s"] > 0 and len(results["throughput"]["load_avg"]) == 2
+    assert run.enabled(run.MODES["smoke"]) == ("throughput", "overhead")
+    assert run.enabled(run.MODES["full"]) == run.PARTS
 
 
 def test_packed_quality_is_judged_against_the_noise_of_both_sides():
