@@ -48,4 +48,4 @@ gpu-check: setup
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache
-	find bench/results -mindepth 2 -maxdepth 2 ! -name results.json -exec rm -rf {} +  # run dirs; results.json is committed
+	[ ! -d bench/results ] || find bench/results -mindepth 2 -maxdepth 2 ! -name results.json -exec rm -rf {} +  # run dirs; results.json is committed
