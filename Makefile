@@ -30,7 +30,8 @@ lint: setup
 	$(BIN)/ruff check mtft tests bench
 	$(BIN)/ruff format --check mtft tests bench
 
-# Benchmarks (BENCHMARKS.md): quick ~10 min on 2 CPU cores; BENCH_MODE=full (or bench-full) ~45 min.
+# Benchmarks (BENCHMARKS.md): quick ~15 min on 2 CPU cores; BENCH_MODE=full (or bench-full) ~2.5 h
+# (python -m bench.run --mode full --only PART,... reruns some parts and keeps the others).
 # Both rewrite the tables of BENCHMARKS.md; results and sweep run dirs go to bench/results/<mode>/
 # (results.json is committed: `python -m bench.run --mode full --render-only` re-renders from it).
 BENCH_MODE ?= quick

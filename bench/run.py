@@ -1,7 +1,8 @@
 """`make bench`: run the benchmarks and rewrite the tables of BENCHMARKS.md.
 
-    python -m bench.run --mode quick   # ~10 minutes on 2 CPU cores: fewer repetitions and steps
-    python -m bench.run --mode full    # ~45 minutes: the numbers committed in BENCHMARKS.md
+    python -m bench.run --mode quick   # ~15 minutes on 2 CPU cores: fewer repetitions and steps
+    python -m bench.run --mode full    # ~2.5 hours: the numbers committed in BENCHMARKS.md
+    python -m bench.run --mode full --only quality,scenarios   # some parts; the others are kept
 
 Results also go to bench/results/<mode>/results.json (with the sweep's run dirs next to it). Only the
 blocks between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` markers in BENCHMARKS.md are
