@@ -44,6 +44,17 @@ def test_split_tasks_relabels_every_example(setup: Setup):
         overhead.split_tasks(setup.data, 6)
 
 
+META = {"started": "now", "wall_s": 1.0, "load_avg": [[0, 0, 0], [0, 0, 0]]}
+
+
+def _results(mode: str, **parts: dict) -> dict:
+    """A results.json record of `mode` holding `parts`, as bench.run writes it."""
+    machine = {"cpu": "cpu", "cores": 2, "memory_gb": 1, "platform": "p", "python": "3", "torch": "t"}
+    machine |= {"torch_threads": 2, "omp_num_threads": None, "transformers": "x", "load_avg": [0, 0, 0]}
+    header = {"model_parameters": 1e6, "train_examples": 10, "batch_size": 16}
+    return {"mode": mode, "machine": machine, **header, **parts}
+
+
 def test_throughput_and_overhead_run_and_render(setup: Setup, tmp_path: Path):
     tp = throughput.run(setup, reps=1, steps=2, warmup=1, log=lambda s: None)
     assert set(tp["sides"]) == set(throughput.SIDES)
@@ -60,27 +71,7 @@ def test_throughput_and_overhead_run_and_render(setup: Setup, tmp_path: Path):
     oh["lean"] = overhead.run_lean(setup, reps=1, batches=1)
     assert all(math.isfinite(v) and v > 0 for k, v in oh["lean"].items() if "/" in k)
 
-    meta = {"started": "now", "wall_s": 1.0, "load_avg": [[0, 0, 0], [0, 0, 0]]}
-    results = {
-        "mode": "smoke",
-        "machine": {
-            "cpu": "cpu",
-            "cores": 2,
-            "memory_gb": 1,
-            "platform": "p",
-            "python": "3",
-            "torch": "t",
-            "torch_threads": 2,
-            "omp_num_threads": None,
-            "transformers": "x",
-            "load_avg": [0, 0, 0],
-        },
-        "model_parameters": 1e6,
-        "train_examples": 10,
-        "batch_size": 16,
-        "throughput": {**tp, **meta},
-        "overhead": {**oh, **meta},
-    }
+    results = _results("smoke", throughput={**tp, **META}, overhead={**oh, **META})
     md = tmp_path / "BENCHMARKS.md"
     md.write_text(
         "# Benchmarks\n\nprose kept\n\n<!-- bench:throughput -->\nold table\n<!-- /bench:throughput -->\n\nmore prose\n"
@@ -127,3 +118,19 @@ def test_generation_benchmark_runs_and_renders(setup: Setup):
     g = generation.run(setup, n=4, max_new_tokens=3, batch_size=4, reps=1, log=lambda s: None)
     assert g["prompts"] == 4 and g["ratio"] > 0 and g["tokens_per_s"]["single"] > 0
     assert "| batched (4 prompts" in generation.render(g)
+
+
+def test_a_partial_run_keeps_the_blocks_it_lacks_and_judges_the_skewed_scenario():
+    def stats(rise: float, mean: float) -> dict:
+        return {"rise": rise, "mean_final": mean, "weight_sd": 0.05, "n": 3}
+
+    skewed = {"stats": {"uniform": stats(0.04, 5.2), "coba": stats(0.015, 5.19)}, "report_md": "", "dir": "d"}
+    scenarios = {"steps": 150, "seeds": [1, 2, 3], "by_data": {"codetasks_skewed": {**skewed, "wall_s": 60}}}
+    blocks = run.render(_results("full", scenarios={**scenarios, **META}))
+    assert not {"throughput", "overhead", "quality", "data", "generation"} & set(blocks)  # kept as they are
+    assert "| scenarios | now |" in blocks["run"]
+    row = blocks["targets"].splitlines()[-1]
+    assert "`data=codetasks_skewed`" in row and "+1.5% vs +4.0%" in row and row.endswith("| met |")
+    skewed["stats"]["coba"] = stats(0.025, 5.19)  # more than half of uniform's rise
+    assert run.render_targets(_results("full", scenarios=scenarios)).endswith("| **missed** |")
+    assert run.render(_results("smoke"))["quality"] == "(not run in this mode)"
