@@ -62,7 +62,7 @@ PACKED_ROWS = 8
 
 MODES = {
     "quick": Mode(
-        3, 14, 3, (2, 4, 8, 16, 32), 1, 10, 3, (4,), 0, (1,), 30, 10, False, data_n=50_000, gen=(32, 32, 2)
+        3, 14, 3, (2, 4, 8, 16, 32), 1, 10, 2, (4,), 0, (1,), 30, 10, False, data_n=50_000, gen=(32, 32, 2)
     ),
     "full": Mode(
         5,
@@ -83,7 +83,7 @@ MODES = {
         s_steps=150,
     ),
     # for tests/test_bench.py: a couple of steps of everything, the sweep left out
-    "smoke": Mode(1, 3, 1, (2,), 1, 3, 1, (), 0, (), 0, 0, False),
+    "smoke": Mode(1, 3, 1, (2,), 1, 9, 1, (), 0, (), 0, 0, False),
 }
 
 
@@ -150,9 +150,7 @@ def _overhead(setup: Setup, mode: Mode, log: Callable[[str], None]) -> dict[str,
     log(f"balancer overhead: T in {mode.oh_tasks}, {mode.oh_reps} reps x {mode.oh_steps} steps")
     out = overhead.run(setup, mode.oh_tasks, mode.oh_reps, mode.oh_steps, mode.oh_warmup, log)
     if mode.accum:
-        out["accum"] = overhead.run_accum(
-            setup, mode.accum, mode.oh_reps, max(4, mode.oh_steps // 2), mode.oh_warmup, log
-        )
+        out["accum"] = overhead.run_accum(setup, mode.accum, mode.oh_reps, mode.oh_steps, mode.oh_warmup, log)
     log("lean LM head vs full, paired batch by batch")
     out["lean"] = overhead.run_lean(setup, mode.oh_reps + 1, max(4, mode.oh_steps // 2))
     out["rss"] = {}
@@ -353,9 +351,9 @@ def render_overhead(oh: dict[str, Any]) -> str:
     rows += [
         "",
         f"{oh['reps']} repetition(s), balancers alternating, {oh['steps']} steps each ({oh['warmup']} untimed). "
-        "Step k of a balancer's run is paired with step k of the uniform run of the same repetition (same "
-        "batch); a ratio is the median over those pairs, then over repetitions. Step times are medians over "
-        "all timed steps.",
+        "A balancer's run trains on the same batches as the uniform run of the same repetition; a ratio is "
+        "their total time over the timed steps (a whole number of CoBa's probe intervals, so its probe counts "
+        "at its true share), then the median over repetitions. Step times are medians over all timed steps.",
     ]
     if "accum" in oh:
         a = oh["accum"]

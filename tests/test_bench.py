@@ -32,6 +32,12 @@ def test_timing_excludes_warmup_steps():
     assert t.step_times == [1.0, 2.0, 3.0] and t.tokens_per_s == 15.0
 
 
+def test_overhead_counts_a_periodic_probe_step_at_its_share():
+    coba = [[1.0] * 7 + [3.0], [2.0] * 7 + [6.0]]  # one probe step in eight, twice the work
+    uniform = [[1.0] * 8, [2.0] * 8]
+    assert overhead._summarize(coba, uniform)["ratio"] == pytest.approx(10 / 8)  # a median would say 1.0
+
+
 def test_split_tasks_relabels_every_example(setup: Setup):
     old_train = np.asarray(setup.data.train["task_id"])
     for T in (2, 8):
@@ -64,10 +70,12 @@ def test_throughput_and_overhead_run_and_render(setup: Setup, tmp_path: Path):
     assert tp["padding"]["packed"]["waste"] < 0.1 * tp["padding"]["plain"]["waste"]
     assert tp["padding"]["batches"] > 0
 
-    oh = overhead.run(setup, (4,), reps=1, steps=2, warmup=1, log=lambda s: None)
+    oh = overhead.run(setup, (4,), reps=1, steps=9, warmup=1, log=lambda s: None)
     by = oh["by_tasks"]["4"]
     assert set(by) == set(overhead.BALANCERS) and by["uniform"]["ratio"] == 1.0
     assert all(by[b]["median_step_s"] > 0 for b in overhead.BALANCERS)
+    with pytest.raises(ValueError, match="multiple of CoBa's update_interval"):
+        overhead.run(setup, (4,), reps=1, steps=2, warmup=1)
     oh["lean"] = overhead.run_lean(setup, reps=1, batches=1)
     assert all(math.isfinite(v) and v > 0 for k, v in oh["lean"].items() if "/" in k)
 
