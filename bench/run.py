@@ -244,7 +244,7 @@ def render(results: dict[str, Any]) -> dict[str, str]:
     blocks = {}
     m = results["machine"]
     mode = results["mode"]
-    done = [p for p in PARTS if p in results]
+    done = sorted((p for p in PARTS if p in results), key=lambda p: results[p]["started"])
     blocks["run"] = "\n".join(
         [
             f"Mode **{mode}** (`make bench{'' if mode == 'quick' else ' BENCH_MODE=' + mode}`). Each part is "
