@@ -7,13 +7,14 @@ tokenizer's bos/eos tokens frame the text; a template writes its own.
 A piece too long to be kept whole (one huge record) is not tokenized whole: `_cut` keeps at most
 `max_length` tokens from its start or its end, so only a window of characters at each end is
 tokenized, grown until it holds `MARGIN` tokens more than that. The window's edge is put on a space
-that follows a word, where every whitespace-splitting pre-tokenizer (GPT-2, Llama 3 and Qwen byte-level
-BPE, SentencePiece's metaspace, WordPiece) splits too, so the words before it are tokenized as in the
-whole text; a tokenizer that rewrites the start of every text (Llama 2's prepended "▁") changes only
-the first word of a tail window, inside the margin. Within a single word longer than half a window (a
-run without spaces, e.g. a 50 MB base64 blob), BPE is not prefix-stable: a merge at the edge can in
-principle change how earlier characters merge, arbitrarily far back. There the kept tokens are still
-the tokenization of a contiguous span of the piece's text, at least `MARGIN` tokens from the cut edge.
+after a word, where whitespace-splitting tokenizers (byte-level BPE as in GPT-2, Llama 3 and Qwen;
+SentencePiece) split too, so its words tokenize as in the whole text; a tokenizer that rewrites the
+start of every text (Llama 2's prepended "▁") changes only the first word of a tail window, inside the
+margin. Inside one word longer than the half window searched for that space, the cut word may be
+tokenized differently: BPE is not stable under cutting a word (it merges a run of one character from
+its left end, so where the run's last tokens fall depends on the run's whole length). There the same
+number of tokens is kept, so the row's length and learned mask are the whole tokenization's, and they
+are the tokenization of a contiguous span of the piece's text.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from mtft.data.templates import Piece, chat_pieces, plain_pieces
 
 # Tokens a window of an over-long piece holds beyond the kept ones, on the side where it was cut.
 MARGIN = 128
-CHARS_PER_TOKEN = 4  # a window's first size per token needed; doubled until it holds enough
+CHARS_PER_TOKEN = 4  # a window's first size, per token needed; doubled until it holds enough
 
 
 @dataclass
@@ -98,9 +99,8 @@ class Encoder:
             edge = _word_end(text, lo, lo + size // 2)
             if edge is None:
                 edge = lo if at_end else size
-            ids = self.tokenizer(text[edge:] if at_end else text[:edge], add_special_tokens=False)[
-                "input_ids"
-            ]
+            window = text[edge:] if at_end else text[:edge]
+            ids = self.tokenizer(window, add_special_tokens=False)["input_ids"]
             if len(ids) >= need:
                 return ids
             size *= 2
@@ -132,8 +132,8 @@ class Encoder:
     ) -> tuple[list[list[int]], list[bool]]:
         """Whole turns from the start while they fit; if not even the first answer fits, the end of its
         prompt and the start of the answer (the part nearest the boundary matters most). Of a piece
-        longer than `max_length` this reads only its length's excess and at most `max_length` tokens
-        at either end: what `_ends` keeps of a huge one."""
+        longer than `max_length` it reads only that it is longer, and at most `max_length` tokens at
+        either end: all that `_ends` keeps of a huge one."""
         total, keep = 0, 0
         for i, piece in enumerate(tokens):
             total += len(piece)
