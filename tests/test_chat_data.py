@@ -383,7 +383,7 @@ def cut_at_word_ends(windows: list[str], pieces: list[str]) -> bool:
 
 
 WORDS = [
-    *TURNS[1][1].split(),
+    *USER1.split(),
     "def",
     "add(a,",
     "b):\n",
@@ -445,10 +445,11 @@ def test_a_huge_piece_is_tokenized_by_windows_with_the_same_rows(tokenizer, max_
 
 
 def test_a_huge_word_keeps_a_contiguous_window_of_its_text(tokenizer):
-    """Without spaces (a run of one character, as in a 50 MB line of the issue, or random letters) a cut
-    inside the word may tokenize its edge differently; what holds: the same length and learned mask as
-    full tokenization's, the learned tokens' text is a contiguous span of the conversation, and the
-    start of a run of one character (BPE merges it from the left) is exact."""
+    """Without spaces (a run of one character, as in the issue's 50 MB line, or random letters) a cut
+    word may be tokenized differently: BPE merges a run of one character from its left end, so where
+    its last tokens fall depends on its whole length. What holds: the same length and learned mask as
+    full tokenization's, the row's text is a contiguous span of the conversation, and the start of a
+    run of one character is exact."""
     rng = random.Random(0)
     for big in ("x" * 30000, "".join(rng.choice("abcdefghij") for _ in range(30000))):
         for max_length in (8, 300):
@@ -481,7 +482,7 @@ sys.exit(rc)
 def test_a_20_mb_line_costs_memory_on_the_order_of_its_size(mtft_env, tmp_path):
     """The issue's record (an answer of 20 MB without a space) through `mtft data preview` with the
     default model: the peak RSS grows by a small multiple of the line (reading it through `datasets`
-    costs about 7x), not by the gigabytes of tokenizing it whole (before: 130 bytes per character)."""
+    costs about 7x), not by the gigabytes of tokenizing it whole (1.5 GB with the former encoder)."""
     size = 20_000_000
     short = [{"prompt": f"question {i}", "response": f"answer {i}"} for i in range(20)]
     data = write(tmp_path / "huge", [{"prompt": "hi", "response": "x" * size}, *short], "jsonl")

@@ -48,7 +48,7 @@ def test_tiny_model_is_built_once_and_reloads_through_from_pretrained(tmp_path):
 def test_a_huge_record_gives_the_tokenizer_corpus_a_bounded_share_in_short_runs():
     """At most `max_chars` of a record reach the embedded tokenizer's corpus, and a run without spaces
     reaches the BPE trainer in pieces (its merges are quadratic in a word's length: 300,000 x's took
-    minutes whole); text without such runs is given as it is, so its tokenizer is unchanged."""
+    over 100 s whole); text without such runs is given as it is, so its tokenizer is unchanged."""
     mixture = Mixture.from_records({"t": [{"text": "x" * 50_000}, {"text": "more"}]}, {"t": [{"text": "v"}]})
     assert mixture.corpus(20_000) == ["x" * 20_000]
     n = LONGEST_RUN
