@@ -10,12 +10,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from mtft.models.config import TinyModelConfig
 from mtft.recipe.config import TrainConfig, conf_dir, register_configs, to_typed
 
 ROOT = Path(__file__).resolve().parent.parent
+# The embedded default data's tasks, in their order (conf/data/codetasks.yaml).
+CODETASKS = ["code_completion", "docstring_to_code", "code_to_docstring", "function_naming"]
 # A Llama small enough to build and train in a second, for tests that need a real model.
 SMALL = TinyModelConfig(
     vocab_size=300,
@@ -26,6 +30,24 @@ SMALL = TinyModelConfig(
     num_key_value_heads=1,
     max_position_embeddings=128,
 )
+# The sizes of the random transformers models that in-process tests build with `tiny_lm`.
+TINY_LM = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+}
+
+
+def tiny_lm(model_type: str, vocab_size: int, **config) -> torch.nn.Module:
+    """A causal LM of a real transformers architecture (`llama`, `qwen2`, ...) with random weights
+    (seed 0), built in milliseconds and in eval mode (no dropout: two forwards agree); `config`
+    overrides the TINY_LM sizes or sets other fields of the architecture's config."""
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, vocab_size=vocab_size, **{**TINY_LM, **config})
+    return AutoModelForCausalLM.from_config(config).eval()
 
 
 @pytest.fixture(scope="session")
@@ -70,6 +92,37 @@ def run_mtft(mtft_env: dict[str, str]):
     return run
 
 
+@pytest.fixture(scope="session")
+def lora_run(run_mtft, tmp_path_factory) -> tuple[Path, str]:
+    """A LoRA run of 4 steps with gradient checkpointing, its adapter saved, and its console output:
+    shared by the PEFT and eval tests, which may add files to it (an export, eval results) but never
+    change what training wrote."""
+    run_dir = tmp_path_factory.mktemp("lora") / "run"
+    proc = run_mtft(
+        "train", "peft=lora", "trainer.gradient_checkpointing=true", "trainer.max_steps=4",
+        "trainer.eval_interval=4", "trainer.lr=1e-2", "trainer.eval_batches=1", "trainer.eval_batch_size=8",
+        f"hydra.run.dir={run_dir}",
+    )  # fmt: skip
+    return run_dir, proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="session")
+def tiny_sweep(run_mtft, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """A real sweep of 4-step runs, uniform and famo x seeds 1 and 2 (job dirs 0-3), two jobs at a
+    time on Hydra's joblib launcher, each with samples every 2 steps, an eval at the end (3 examples
+    a task) and TensorBoard; and its process. Shared by the report and eval tests, which read it (the
+    report writes its report/ dir)."""
+    sweep = tmp_path_factory.mktemp("sweep") / "sweep"
+    proc = run_mtft(
+        "train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "balancer=uniform,famo", "seed=1,2",
+        "trainer.max_steps=4", "trainer.eval_interval=2", "trainer.eval_batches=1", "trainer.eval_batch_size=16",
+        "trainer.batch_size=8", "trainer.save_model=false", "trainer.eval_at_end=true", "eval.max_samples=3",
+        "eval.max_new_tokens=12", "trainer.sample_interval=2", "eval.sample_prompts=1", "logger=tensorboard",
+        f"hydra.sweep.dir={sweep}",
+    )  # fmt: skip
+    return sweep, proc
+
+
 def compose_train(overrides: list[str], config_dir: Path | None = None) -> TrainConfig:
     """The config `mtft train <overrides>` would run with, checked against the schema."""
     register_configs()
@@ -82,6 +135,11 @@ def compose_train(overrides: list[str], config_dir: Path | None = None) -> Train
 
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def read_untimed_metrics(run_dir: Path) -> list[dict]:
+    """metrics.jsonl without its timing column: what two runs of the same training must agree on."""
+    return [{k: v for k, v in row.items() if k != "tokens_per_s"} for row in read_metrics(run_dir)]
 
 
 def read_wandb_records(path: Path) -> list:

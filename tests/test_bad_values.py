@@ -155,7 +155,7 @@ def test_a_huge_float_is_a_valid_setting_left_to_the_nonfinite_guard(composed):
     [
         ("trainer.max_steps=-1", "trainer.max_steps must be >= 1, got -1"),
         ("trainer.lr=nan", "trainer.lr must be a finite number > 0, got nan"),
-        ("trainer.batch_size=many", "trainer.batch_size"),  # OmegaConf's own type error
+        ("trainer.batch_size=many", "trainer.batch_size: Value 'many'"),  # OmegaConf's own type error
         ("+trainer.eval_intervl=1", "unknown key trainer.eval_intervl"),
         ("seed=1e30", "seed"),
     ],

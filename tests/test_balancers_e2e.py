@@ -4,9 +4,8 @@ import math
 
 import pytest
 
-from conftest import read_metrics
+from conftest import CODETASKS, read_metrics
 
-TASKS = ["code_completion", "docstring_to_code", "code_to_docstring", "function_naming"]
 SHORT = [
     "trainer.max_steps=8",
     "trainer.eval_interval=4",
@@ -40,8 +39,8 @@ def test_balancer_run_logs_every_tasks_weight(run_mtft, tmp_path, balancer, extr
     weights = {}
     for step in range(1, 9):
         rows = {r["task"]: r for r in train if r["step"] == step}
-        assert set(rows) == {*TASKS, "all"}
-        weights[step] = [rows[t]["weight"] for t in TASKS]
+        assert set(rows) == {*CODETASKS, "all"}
+        weights[step] = [rows[t]["weight"] for t in CODETASKS]
         assert all(math.isfinite(w) and w > 0 for w in weights[step])
     # an adaptive balancer moves its weights away from where they started
     assert weights[8] != weights[1]

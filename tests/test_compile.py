@@ -3,29 +3,18 @@ packed rows), and refused where it cannot apply (DeepSpeed)."""
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from mtft.core.errors import MtftError
 from mtft.engine.backend import TorchBackend
 from mtft.engine.config import TrainerConfig
 from mtft.recipe.validate import validate
 
-from conftest import compose_train
+from conftest import compose_train, tiny_lm
 
 
 @pytest.mark.slow
 def test_compiled_model_trains_on_packed_rows_like_the_eager_one():
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-    )
-    model, eager = LlamaForCausalLM(config), LlamaForCausalLM(config)
+    model, eager = tiny_lm("llama", 97, num_hidden_layers=1), tiny_lm("llama", 97, num_hidden_layers=1)
     eager.load_state_dict(model.state_dict())
     names = list(model.state_dict())
     backend = TorchBackend(model, TrainerConfig(compile=True), torch.device("cpu"))

@@ -155,19 +155,18 @@ def test_validation_builds_nothing(monkeypatch):
     assert time.perf_counter() - start < 10
 
 
-# Through the real CLI: exit code exactly 2 and one `error:` line, no traceback.
+# Through the real CLI: exit code exactly 2 and one `error:` line, no traceback (bad values of
+# the numeric keys: test_bad_values.py).
 CLI_BAD = [
     ("trainer.precision=bf61", "expected one of [fp32, bf16]"),
     ("trainer.precision=fp16 deepspeed=zero2", "expected one of [fp32, bf16]"),
     ("trainer.log_interval=0", "trainer.log_interval must be >= 1, got 0"),
     ("balancer=gradnorm deepspeed=zero2", "balancer gradnorm takes per-task gradients"),
-    ("trainer.lr=nan", "trainer.lr must be a finite number > 0, got nan"),
     ("trainer.batch_size=-4", "trainer.batch_size must be >= 1"),
-    ("trainer.max_steps=many", "trainer.max_steps"),
     ("trainer.adam_beta2=1e300", "trainer.adam_beta2"),
     ("data.sampling=random", "data.sampling"),
     ("trainer.mx_steps=3", "Key 'mx_steps' not in 'TrainerConfig'"),
-    ("balancer=nope", "balancer/nope"),
+    ("balancer=nope", "Could not find 'balancer/nope' Available options in 'balancer': coba"),
     ("balancer=uniform +balancer.weights={nope:2.0}", "balancer.weights names unknown task"),
     ("peft=lora peft.r=0", "peft.r must be >= 1"),
     ("distributed.nnodes=2", "distributed.nnodes > 1 needs distributed.rdzv_endpoint"),

@@ -21,7 +21,7 @@ from mtft.core.errors import MtftError
 from mtft.engine.config import DeepSpeedConfig, TrainerConfig
 from mtft.engine.deepspeed_config import deepspeed_config
 
-from conftest import read_metrics, read_wandb_records
+from conftest import read_metrics, read_untimed_metrics, read_wandb_records
 
 pytestmark = pytest.mark.slow
 
@@ -37,11 +37,19 @@ COMMON = [
     "trainer.eval_batch_size=8",
 ]
 PER_RANK = [*COMMON, "trainer.batch_size=8", "logger.all_ranks=true"]  # 2 ranks x 8 = the global 16
+# The packed rows' stream does not depend on the world size: 2 ranks x 4 rows train on the same rows
+# as 1 x 8, so the curves (CoBa's packed probe included) match the one-process run's.
+PACKED = [*COMMON, "data.packing=true"]
+PACKED_PER_RANK = [*PACKED, "trainer.batch_size=4", "logger.all_ranks=true"]
+ZERO2 = [*PACKED_PER_RANK, "deepspeed=zero2", "distributed.nproc_per_node=2"]
 # Same global batch, different summation order: losses agree to float32 rounding, far inside this.
 REL_TOL = 1e-4
 # CoBa's weights are a softmax over slopes of short loss histories, which amplifies those rounding
 # differences (about 1.3e-4 relative at step 6 with the sampler's current streams).
 WEIGHT_REL_TOL = 1e-3
+# Every launcher ends in one join with the configured backend and collective timeout (not the defaults).
+BACKEND = ["distributed.backend=gloo", "distributed.timeout_min=7"]
+JOINED = "joined the process group as rank 0 of 2: backend gloo, timeout 7 min"
 
 
 def train_rows(run_dir: Path, name: str = "metrics.jsonl") -> dict[tuple[int, str], dict]:
@@ -77,16 +85,22 @@ def single(run_mtft, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def zero2(run_mtft, tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("dist") / "zero2"
-    run_mtft(
-        "train", *PER_RANK, "deepspeed=zero2", "distributed.nproc_per_node=2", f"hydra.run.dir={run_dir}"
-    )
+def single_packed(run_mtft, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("dist") / "single_packed"
+    run_mtft("train", *PACKED, "trainer.batch_size=8", f"hydra.run.dir={run_dir}")
     return run_dir
 
 
-def test_deepspeed_zero2_matches_one_process(zero2: Path, single: Path) -> None:
-    assert_ranks_agree_and_match(zero2, single)
+@pytest.fixture(scope="module")
+def zero2(run_mtft, tmp_path_factory) -> Path:
+    """DeepSpeed ZeRO-2 on two ranks, on packed rows."""
+    run_dir = tmp_path_factory.mktemp("dist") / "zero2"
+    run_mtft("train", *ZERO2, f"hydra.run.dir={run_dir}")
+    return run_dir
+
+
+def test_deepspeed_zero2_matches_one_process(zero2: Path, single_packed: Path) -> None:
+    assert_ranks_agree_and_match(zero2, single_packed)
     assert (zero2 / "checkpoints" / "step-00000006" / "deepspeed").is_dir()  # DeepSpeed's own format
     assert (zero2 / "model" / "model.safetensors").is_file()
 
@@ -95,13 +109,8 @@ def test_deepspeed_resume_continues_exactly(zero2: Path, run_mtft, mtft_env, tmp
     """A copy of the ZeRO-2 run cut back to its step-3 checkpoint, resumed: the same rows and weights."""
     run_dir = tmp_path / "resumed"
     shutil.copytree(zero2, run_dir, ignore=shutil.ignore_patterns("step-00000006", "model", "summary.json"))
-    run_mtft(
-        "train", *PER_RANK, "deepspeed=zero2", "distributed.nproc_per_node=2", "trainer.resume=auto",
-        f"hydra.run.dir={run_dir}",
-    )  # fmt: skip
-    timing = {"tokens_per_s"}
-    strip = [{k: v for k, v in r.items() if k not in timing} for r in read_metrics(run_dir)]
-    assert strip == [{k: v for k, v in r.items() if k not in timing} for r in read_metrics(zero2)]
+    run_mtft("train", *ZERO2, "trainer.resume=auto", f"hydra.run.dir={run_dir}")
+    assert read_untimed_metrics(run_dir) == read_untimed_metrics(zero2)
     ours, theirs = (
         load_file(run_dir / "model" / "model.safetensors"),
         load_file(zero2 / "model" / "model.safetensors"),
@@ -109,20 +118,10 @@ def test_deepspeed_resume_continues_exactly(zero2: Path, run_mtft, mtft_env, tmp
     assert all(torch.equal(ours[name], theirs[name]) for name in theirs)
 
 
-@pytest.fixture(scope="module")
-def single_packed(run_mtft, tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("dist") / "single_packed"
-    run_mtft("train", *COMMON, "data.packing=true", "trainer.batch_size=8", f"hydra.run.dir={run_dir}")
-    return run_dir
-
-
-@pytest.mark.parametrize("engine", [[], ["deepspeed=zero2"]], ids=["ddp", "zero2"])
-def test_packing_on_two_ranks_matches_one_process(single_packed: Path, run_mtft, tmp_path, engine) -> None:
-    """The packed rows' stream does not depend on the world size: 2 ranks x 4 rows train on the same
-    rows as 1 x 8, so the curves (CoBa's packed probe included) match the one-process run."""
+def test_packing_on_two_ddp_ranks_matches_one_process(single_packed: Path, run_mtft, tmp_path) -> None:
+    """DDP on packed rows: the ranks agree, and match the one-process run (see PACKED)."""
     run_dir = tmp_path / "packed"
-    args = [*COMMON, "data.packing=true", "trainer.batch_size=4", "logger.all_ranks=true", *engine]
-    run_mtft("train", *args, "distributed.nproc_per_node=2", f"hydra.run.dir={run_dir}")
+    run_mtft("train", *PACKED_PER_RANK, "distributed.nproc_per_node=2", f"hydra.run.dir={run_dir}")
     assert_ranks_agree_and_match(run_dir, single_packed)
 
 
@@ -133,11 +132,12 @@ def _free_port() -> int:
 
 
 def test_zero3_under_torchrun_shares_one_run_dir(single: Path, mtft_env, tmp_path: Path) -> None:
-    """Every rank runs Hydra itself, with Hydra's default timestamped run dir: one dir for the job."""
+    """Every rank runs Hydra itself, with Hydra's default timestamped run dir: one dir for the job.
+    Ranks meet before Hydra (for the run clock) but create the group after it, from the config."""
     proc = subprocess.run(
         [
             sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-            "-m", "mtft", "train", *PER_RANK, "deepspeed=zero3",
+            "-m", "mtft", "train", *PER_RANK, *BACKEND, "deepspeed=zero3",
         ],
         cwd=tmp_path, env=mtft_env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
@@ -146,6 +146,7 @@ def test_zero3_under_torchrun_shares_one_run_dir(single: Path, mtft_env, tmp_pat
     (run_dir,) = day.iterdir()
     assert_ranks_agree_and_match(run_dir, single)
     assert (run_dir / ".hydra" / "config.yaml").is_file()
+    assert JOINED in (run_dir / "train.log").read_text()
     # ZeRO-3 shards were gathered into one ordinary model directory.
     assert load_file(run_dir / "model" / "model.safetensors")["model.embed_tokens.weight"].shape[0] > 0
 
@@ -251,15 +252,17 @@ def test_slurm_launcher_composes(run_mtft) -> None:
 
 
 def test_lora_gradnorm_under_ddp_resumes_exactly(run_mtft, tmp_path: Path) -> None:
-    """DDP + LoRA + GradNorm: ranks agree, and a resume from the step-2 checkpoint (adapters only,
-    the frozen base comes from the model) ends with the same rows and the same adapter."""
+    """DDP + LoRA + GradNorm on mtft's own workers (joined with the configured backend and timeout):
+    ranks agree, and a resume from the step-2 checkpoint (adapters only, the frozen base comes from
+    the model) ends with the same rows and the same adapter."""
     args = [
-        "peft=lora", "balancer=gradnorm", "distributed.nproc_per_node=2", "trainer.max_steps=4",
+        "peft=lora", "balancer=gradnorm", "distributed.nproc_per_node=2", *BACKEND, "trainer.max_steps=4",
         "trainer.eval_interval=2", "trainer.save_interval=2", "trainer.eval_batches=1", "trainer.eval_batch_size=8",
         "trainer.batch_size=4", "logger.all_ranks=true",
     ]  # fmt: skip
     full = tmp_path / "full"
     run_mtft("train", *args, f"hydra.run.dir={full}")
+    assert JOINED in (full / "train.log").read_text()
     rank0, rank1 = train_rows(full), train_rows(full, "metrics.rank1.jsonl")
     assert {k: r["weight"] for k, r in rank0.items() if "weight" in r} == {
         k: r["weight"] for k, r in rank1.items() if "weight" in r
@@ -270,9 +273,7 @@ def test_lora_gradnorm_under_ddp_resumes_exactly(run_mtft, tmp_path: Path) -> No
     resumed = tmp_path / "resumed"
     shutil.copytree(full, resumed, ignore=shutil.ignore_patterns("step-00000004", "model", "summary.json"))
     run_mtft("train", *args, "trainer.resume=auto", f"hydra.run.dir={resumed}")
-    timing = {"tokens_per_s"}
-    strip = [{k: v for k, v in r.items() if k not in timing} for r in read_metrics(resumed)]
-    assert strip == [{k: v for k, v in r.items() if k not in timing} for r in read_metrics(full)]
+    assert read_untimed_metrics(resumed) == read_untimed_metrics(full)
     # Rank 1's own file is cut back to the checkpoint too: the replayed steps appear once.
     lines = [(d / "metrics.rank1.jsonl").read_text().splitlines() for d in (resumed, full)]
     assert (
@@ -325,33 +326,6 @@ def test_sigterm_to_a_multiprocess_job_checkpoints_and_exits_resumable(mtft_env,
         p.name for p in checkpoint.iterdir()
     }
     assert "trainer.resume=auto" in err
-
-
-ONE_STEP = [
-    "trainer.max_steps=1", "trainer.eval_interval=1", "trainer.eval_batches=1", "trainer.eval_batch_size=8",
-    "trainer.batch_size=4", "trainer.save_model=false", "distributed.backend=gloo", "distributed.timeout_min=7",
-]  # fmt: skip
-JOINED = "joined the process group as rank 0 of 2: backend gloo, timeout 7 min"
-
-
-def test_torchrun_ranks_join_with_the_configured_backend_and_timeout(mtft_env, tmp_path: Path) -> None:
-    """Ranks meet before Hydra (for the run clock) but create the group after it, from the config."""
-    run_dir = tmp_path / "run"
-    proc = subprocess.run(
-        [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-            "-m", "mtft", "train", *ONE_STEP, f"hydra.run.dir={run_dir}",
-        ],
-        cwd=tmp_path, env=mtft_env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert JOINED in (run_dir / "train.log").read_text()
-
-
-def test_own_workers_join_with_the_configured_backend_and_timeout(run_mtft, tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    run_mtft("train", *ONE_STEP, "distributed.nproc_per_node=2", f"hydra.run.dir={run_dir}")
-    assert JOINED in (run_dir / "train.log").read_text()
 
 
 def test_a_bad_backend_is_one_line_under_torchrun_too(mtft_env, tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import statistics
 
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -17,9 +18,8 @@ from mtft.eval.config import EvalConfig
 from mtft.eval.generate import Prompt, generate
 from mtft.eval.metrics import normalize, score
 
-from conftest import compose_train
+from conftest import CODETASKS, compose_train
 
-TASKS = ["code_completion", "docstring_to_code", "code_to_docstring", "function_naming"]
 METRIC = {
     "code_completion": "chrf",
     "docstring_to_code": "chrf",
@@ -77,7 +77,9 @@ def test_bleu_of_an_exact_copy_is_100_and_of_a_disjoint_text_0():
 
 @pytest.fixture(scope="module")
 def tiny_run(run_mtft, tmp_path_factory):
-    """A full finetune of the tiny model for a few steps, its model saved."""
+    """A full finetune of the tiny model for a few steps, its model saved. Few enough that it still
+    answers with text (20 steps answer everything with the end-of-text token at once), so that the
+    generations compared below are not all empty."""
     run_dir = tmp_path_factory.mktemp("eval") / "run"
     run_mtft("train", *SHORT, f"hydra.run.dir={run_dir}")
     return run_dir
@@ -114,6 +116,7 @@ def test_batched_left_padded_generation_equals_one_at_a_time(tiny_run):
 
 @pytest.fixture(scope="module")
 def evaluated(run_mtft, tiny_run):
+    """`mtft eval` of the run into the run dir (the default), with QUICK's settings."""
     proc = run_mtft("eval", str(tiny_run), "--max-samples", "3", "eval.max_new_tokens=12")
     return json.loads((tiny_run / "eval.json").read_text()), proc
 
@@ -121,14 +124,14 @@ def evaluated(run_mtft, tiny_run):
 @pytest.mark.slow
 def test_eval_writes_loss_perplexity_and_each_tasks_metric(tiny_run, evaluated):
     result, proc = evaluated
-    assert list(result["tasks"]) == TASKS and result["max_samples"] == 3
+    assert list(result["tasks"]) == CODETASKS and result["max_samples"] == 3
     for task, entry in result["tasks"].items():
         assert entry["examples"] == 3
         assert entry["perplexity"] == pytest.approx(math.exp(entry["loss"]))
         assert list(entry["metrics"]) == [METRIC[task]] and entry["score"] == entry["metrics"][METRIC[task]]
         assert 0 <= entry["score"] <= 100
     samples = [json.loads(line) for line in (tiny_run / "eval_samples.jsonl").read_text().splitlines()]
-    assert [s["task"] for s in samples] == [t for t in TASKS for _ in range(3)]
+    assert [s["task"] for s in samples] == [t for t in CODETASKS for _ in range(3)]
     for s in samples:
         assert s["prompt"].startswith("<s>") and isinstance(s["prediction"], str)
         assert set(s["scores"]) == {METRIC[s["task"]]}
@@ -234,21 +237,21 @@ def test_task_frame_is_the_instruction_around_every_prompt():
 
 
 @pytest.mark.slow
-def test_lora_eval_equals_the_eval_of_its_merged_export(run_mtft, tmp_path):
-    run_dir = tmp_path / "lora"
-    run_mtft("train", "peft=lora", "trainer.lr=1e-2", *SHORT, f"hydra.run.dir={run_dir}")
-    run_mtft("eval", str(run_dir), *QUICK)
-    run_mtft("export", str(run_dir))
-    run_mtft("eval", str(run_dir / "merged"), *QUICK, "-o", str(tmp_path / "merged-eval"))
-    lora = [json.loads(line) for line in (run_dir / "eval_samples.jsonl").read_text().splitlines()]
+def test_lora_eval_equals_the_eval_of_its_merged_export(run_mtft, lora_run, tmp_path):
+    run_dir, lora_eval = lora_run[0], tmp_path / "lora-eval"
+    run_mtft("eval", str(run_dir), *QUICK, "-o", str(lora_eval))
+    run_mtft("export", str(run_dir), "-o", str(tmp_path / "merged"))
+    run_mtft("eval", str(tmp_path / "merged"), *QUICK, "-o", str(tmp_path / "merged-eval"))
+    lora = [json.loads(line) for line in (lora_eval / "eval_samples.jsonl").read_text().splitlines()]
     merged = [
         json.loads(line)
         for line in (tmp_path / "merged-eval" / "eval_samples.jsonl").read_text().splitlines()
     ]
     assert len(lora) == 12 and [s["prediction"] for s in lora] == [s["prediction"] for s in merged]
-    a = json.loads((run_dir / "eval.json").read_text())["tasks"]
+    assert any(s["prediction"] for s in lora)  # the adapter answers with text: a comparison of something
+    a = json.loads((lora_eval / "eval.json").read_text())["tasks"]
     b = json.loads((tmp_path / "merged-eval" / "eval.json").read_text())["tasks"]
-    for task in TASKS:
+    for task in CODETASKS:
         assert a[task]["loss"] == pytest.approx(b[task]["loss"], rel=1e-4)
         assert a[task]["metrics"] == pytest.approx(b[task]["metrics"])
 
@@ -257,14 +260,9 @@ def test_lora_eval_equals_the_eval_of_its_merged_export(run_mtft, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def eval_sweep(run_mtft, tmp_path_factory):
-    sweep = tmp_path_factory.mktemp("eval-sweep") / "sweep"
-    run_mtft(
-        "train", "-m", "balancer=uniform,famo", *SHORT, *QUICK, "trainer.eval_at_end=true",
-        "trainer.sample_interval=2", "eval.sample_prompts=1", "logger=tensorboard",
-        "trainer.save_model=false", f"hydra.sweep.dir={sweep}",
-    )  # fmt: skip
-    return sweep
+def eval_sweep(tiny_sweep):
+    """conftest's sweep: 4 steps, samples every 2, an eval of 3 examples a task at the end."""
+    return tiny_sweep[0]
 
 
 @pytest.mark.slow
@@ -273,38 +271,48 @@ def test_samples_during_training_go_to_samples_jsonl_and_tensorboard(eval_sweep)
 
     run = eval_sweep / "0"
     rows = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
-    assert [(r["step"], r["task"]) for r in rows] == [(s, t) for s in (2, 4) for t in TASKS]
+    assert [(r["step"], r["task"]) for r in rows] == [(s, t) for s in (2, 4) for t in CODETASKS]
     assert all({"prompt", "reference", "prediction"} <= set(r) for r in rows)
     assert rows[0]["prompt"] == rows[4]["prompt"]  # the same fixed prompts each time
     events = EventAccumulator(str(run / "tensorboard"), size_guidance={"tensors": 0})
     events.Reload()
-    assert {f"samples/{t}/text_summary" for t in TASKS} <= set(events.Tags()["tensors"])
+    assert {f"samples/{t}/text_summary" for t in CODETASKS} <= set(events.Tags()["tensors"])
     assert "step 2 samples:" in (run / "train.log").read_text()
 
 
 @pytest.mark.slow
 def test_eval_at_end_records_the_metrics_in_summary_json(eval_sweep):
-    for run in ("0", "1"):
+    for run in ("0", "1", "2", "3"):
         summary = json.loads((eval_sweep / run / "summary.json").read_text())
         on_disk = json.loads((eval_sweep / run / "eval.json").read_text())
-        assert summary["eval"] == on_disk and list(on_disk["tasks"]) == TASKS
-        assert all(on_disk["tasks"][t]["examples"] == 3 for t in TASKS)
+        assert summary["eval"] == on_disk and list(on_disk["tasks"]) == CODETASKS
+        assert all(on_disk["tasks"][t]["examples"] == 3 for t in CODETASKS)
 
 
 @pytest.mark.slow
-def test_report_of_a_sweep_with_eval_results_shows_the_metric_columns(run_mtft, eval_sweep):
-    proc = run_mtft("report", str(eval_sweep))
-    header = [c.strip() for c in proc.stdout.splitlines()[0].strip("|").split("|")]
-    columns = [f"{t} {METRIC[t]}" for t in TASKS]
+def test_report_of_a_sweep_with_eval_results_shows_the_metric_columns(run_mtft, eval_sweep, tmp_path):
+    """Each balancer's row: the mean ± standard deviation over its two seeds' eval.json."""
+    proc = run_mtft("report", str(eval_sweep), "-o", str(tmp_path))
+    lines = proc.stdout.splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    columns = [f"{t} {METRIC[t]}" for t in CODETASKS]
     assert header[-5:] == ["eval score", *columns]
-    evals = [json.loads((eval_sweep / r / "eval.json").read_text()) for r in ("0", "1")]
-    rows = proc.stdout.splitlines()[2 : 2 + len(evals)]  # the table's rows; other tables follow it
-    assert all(row.startswith("|") for row in rows) and not proc.stdout.splitlines()[2 + len(evals)].strip()
-    for line, result in zip(rows, evals, strict=True):
+    evals: dict[str, list[dict]] = {}
+    for job in ("0", "1", "2", "3"):
+        balancer = json.loads((eval_sweep / job / "summary.json").read_text())["balancer"]
+        evals.setdefault(balancer, []).append(json.loads((eval_sweep / job / "eval.json").read_text()))
+    rows = lines[2 : 2 + len(evals)]  # the table's rows; other tables follow it
+    assert all(row.startswith("|") for row in rows) and not lines[2 + len(evals)].strip()
+
+    def spread(values: list[float]) -> str:
+        return f"{statistics.fmean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+    for line, (balancer, results) in zip(rows, evals.items(), strict=True):
         cells = dict(zip(header, (c.strip() for c in line.strip("|").split("|")), strict=True))
-        assert cells["eval score"] == f"{result['mean_score']:.1f}"
-        for task in TASKS:
-            assert cells[f"{task} {METRIC[task]}"] == f"{result['tasks'][task]['score']:.1f}"
+        assert cells["balancer"] == balancer and len(results) == 2
+        assert cells["eval score"] == spread([r["mean_score"] for r in results])
+        for task in CODETASKS:
+            assert cells[f"{task} {METRIC[task]}"] == spread([r["tasks"][task]["score"] for r in results])
     assert "warning" not in proc.stderr
 
 
@@ -319,24 +327,27 @@ def test_sampling_and_eval_at_end_refuse_zero3():
 
 
 @pytest.mark.slow
-def test_eval_on_two_processes_shards_and_gives_the_same_results(run_mtft, tiny_run, tmp_path):
-    for name, extra in (("one", []), ("two", ["distributed.nproc_per_node=2"])):
-        run_mtft("eval", str(tiny_run), *QUICK, *extra, "-o", str(tmp_path / name))
-    one, two = (json.loads((tmp_path / n / "eval.json").read_text()) for n in ("one", "two"))
-    for task in TASKS:
+def test_eval_on_two_processes_shards_and_gives_the_same_results(run_mtft, tiny_run, evaluated, tmp_path):
+    """The same eval as `evaluated` (one process), on two."""
+    run_mtft("eval", str(tiny_run), *QUICK, "distributed.nproc_per_node=2", "-o", str(tmp_path))
+    one, two = evaluated[0], json.loads((tmp_path / "eval.json").read_text())
+    for task in CODETASKS:
         assert one["tasks"][task]["loss"] == pytest.approx(two["tasks"][task]["loss"], rel=1e-5)
         assert one["tasks"][task]["metrics"] == two["tasks"][task]["metrics"]
-    samples = [(tmp_path / n / "eval_samples.jsonl").read_text() for n in ("one", "two")]
+    samples = [(d / "eval_samples.jsonl").read_text() for d in (tiny_run, tmp_path)]
     assert samples[0] == samples[1] and len(samples[0].splitlines()) == 12
+    assert any(json.loads(line)["prediction"] for line in samples[0].splitlines())
 
 
 @pytest.mark.slow
 def test_a_trained_model_beats_the_untrained_one_on_two_tasks(run_mtft, tmp_path):
     """The acceptance check on the demo model, at a short run's budget (README has the 300-step numbers):
-    200 steps at lr 4e-3 beat the untrained model on docstring_to_code (chrF ~4.8 vs ~2.2) and
-    code_to_docstring (ROUGE-L ~5 vs 0) over the first 30 validation examples per task."""
+    200 steps at lr 4e-3 beat the untrained model on docstring_to_code (chrF ~4.1 vs ~2.2),
+    code_to_docstring (ROUGE-L ~5.5 vs 0) and code_completion (chrF ~2.5 vs ~1.9) over the first 30
+    validation examples per task. Shorter or smaller runs (60-150 steps at lr 4e-3 to 1e-2, or batches
+    of 4 to 12 sequences) still answer everything with the end-of-text token, or win by a hair."""
     train = run_mtft(
-        "train", "trainer.max_steps=200", "trainer.lr=4e-3", "trainer.eval_interval=200",
+        "train", "trainer.max_steps=200", "trainer.lr=4e-3", "trainer.eval_interval=200", "trainer.eval_batches=1",
         "trainer.save_interval=null", "trainer.save_model=false", "trainer.eval_at_end=true",
         "eval.max_samples=30", "logger.progress=false", f"hydra.run.dir={tmp_path / 'run'}",
     )  # fmt: skip
@@ -345,6 +356,6 @@ def test_a_trained_model_beats_the_untrained_one_on_two_tasks(run_mtft, tmp_path
     run_mtft("eval", base.group(1), "--max-samples", "30", "-o", str(tmp_path / "untrained"))
     trained = json.loads((tmp_path / "run" / "summary.json").read_text())["eval"]["tasks"]
     untrained = json.loads((tmp_path / "untrained" / "eval.json").read_text())["tasks"]
-    better = [t for t in TASKS if trained[t]["score"] > untrained[t]["score"]]
-    assert len(better) >= 2, {t: (untrained[t]["score"], trained[t]["score"]) for t in TASKS}
-    assert all(trained[t]["loss"] < untrained[t]["loss"] for t in TASKS)
+    better = [t for t in CODETASKS if trained[t]["score"] > untrained[t]["score"]]
+    assert len(better) >= 2, {t: (untrained[t]["score"], trained[t]["score"]) for t in CODETASKS}
+    assert all(trained[t]["loss"] < untrained[t]["loss"] for t in CODETASKS)

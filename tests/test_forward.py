@@ -7,7 +7,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 from peft import LoraConfig, PrefixTuningConfig, get_peft_model
-from transformers import AutoConfig, AutoModelForCausalLM
 
 from mtft.data.collator import TaskCollator
 from mtft.engine.evaluation import task_losses
@@ -15,27 +14,13 @@ from mtft.engine.forward import LEAN_MODEL_TYPES, supports_lean_head, task_token
 from mtft.engine.loss import scored_positions
 from tests.test_loss import random_batch
 
+from conftest import tiny_lm
+
 VOCAB, TASKS = 61, 4
 
 
 def tiny(model_type: str, **extra) -> torch.nn.Module:
-    config = AutoConfig.for_model(
-        model_type,
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        **extra,
-    )
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config).eval()  # no dropout: two forwards must agree
+    return tiny_lm(model_type, VOCAB, head_dim=8, pad_token_id=0, bos_token_id=1, eos_token_id=2, **extra)
 
 
 def head_rows(model: torch.nn.Module, batch: dict, lean: bool | None) -> tuple[tuple, int]:

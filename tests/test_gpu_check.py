@@ -10,11 +10,18 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import CODETASKS, ROOT
 
 sys.path.insert(0, str(ROOT))  # `bench` is a top-level folder of the checkout, not part of the wheel
 
 from bench import gpu_check  # noqa: E402
+
+# `mtft train` overrides for the CPU mode's run: 6 steps of 2 see 12 examples, and tokenizing all of
+# codetasks at its max length would cost more than the run.
+FEW_EXAMPLES = [
+    *(f"data.tasks.{task}.max_train_samples=16" for task in CODETASKS),
+    *(f"data.tasks.{task}.max_val_samples=8" for task in CODETASKS),
+]
 
 
 @pytest.mark.parametrize(
@@ -75,7 +82,8 @@ def test_cpu_mode_trains_a_tiny_case_and_rewrites_the_gpu_section(mtft_env, tmp_
     )
     out = tmp_path / "gpu"
     cmd = [str(ROOT / "bench" / "gpu_check.sh"), "--device", "cpu", "--cases", "padded,qlora", "--steps", "6",
-           "--batch-size", "2", "--max-length", "64", "--out", str(out), "--markdown", str(markdown)]  # fmt: skip
+           "--batch-size", "2", "--max-length", "64", "--out", str(out), "--markdown", str(markdown),
+           *FEW_EXAMPLES]  # fmt: skip
     proc = subprocess.run(
         cmd, env={**mtft_env, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=600
     )

@@ -35,7 +35,6 @@ from conftest import SMALL, read_metrics
 CORPUS = ["def add(a, b):\n    return a + b\n", "class Stack:\n    def push(self, x):\n        pass\n"] * 50
 LLAMA_TARGETS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 TRAIN = TrainerConfig()
-FAST = ["trainer.eval_batches=1", "trainer.eval_batch_size=8"]
 
 
 @pytest.fixture(scope="module")
@@ -303,22 +302,6 @@ def test_qlora_cli_fails_at_start_without_cuda(run_mtft, tmp_path):
 
 
 # --- end to end: train with LoRA + gradient checkpointing, reload, export ------------------------
-
-
-@pytest.fixture(scope="module")
-def lora_run(run_mtft, tmp_path_factory) -> tuple[Path, str]:
-    run_dir = tmp_path_factory.mktemp("lora") / "run"
-    proc = run_mtft(
-        "train",
-        "peft=lora",
-        "trainer.gradient_checkpointing=true",
-        "trainer.max_steps=4",
-        "trainer.eval_interval=4",
-        "trainer.lr=1e-2",
-        *FAST,
-        f"hydra.run.dir={run_dir}",
-    )
-    return run_dir, proc.stdout + proc.stderr
 
 
 def base_path(run_dir: Path) -> str:

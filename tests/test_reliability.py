@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from mtft.balancers.uniform import Uniform
 from mtft.core.errors import MtftError
@@ -25,7 +24,7 @@ from mtft.models.tiny import train_tokenizer
 from mtft.recipe.builders import Data, build_backend, build_sampler, build_tracker, build_trainer
 from mtft.recipe.config import TrainConfig
 
-from conftest import ROOT, read_metrics
+from conftest import ROOT, read_metrics, tiny_lm
 
 TEXTS = [f"def f{i}(x):\n    return x * {i}\n" for i in range(40)]
 
@@ -57,18 +56,7 @@ class NaNAt(torch.nn.Module):
 
 
 def make_trainer(tokenizer, run_dir: Path, nan_calls: set[int], **cfg) -> tuple[Trainer, torch.nn.Module]:
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            max_position_embeddings=64,
-        )
-    )
+    model = tiny_lm("llama", len(tokenizer), num_hidden_layers=1)
     data = Data(tokenize_mixture(small_mixture(), tokenizer, 64), tokenizer, model_path="")
     train_cfg = TrainConfig(
         trainer=TrainerConfig(
@@ -346,6 +334,8 @@ SHORT_RUN = [
     "trainer.save_interval=2",
     "trainer.eval_interval=2",
     "trainer.eval_batches=1",
+    "trainer.eval_batch_size=8",
+    "trainer.batch_size=4",
 ]
 
 

@@ -13,15 +13,8 @@ import yaml
 from mtft.report.aggregate import build_report
 from mtft.report.present import markdown_table
 
-TASKS = ["code_completion", "docstring_to_code", "code_to_docstring", "function_naming"]
-TINY = [
-    "trainer.max_steps=4",
-    "trainer.eval_interval=2",
-    "trainer.eval_batches=1",
-    "trainer.eval_batch_size=16",
-    "trainer.batch_size=8",
-    "trainer.save_model=false",
-]
+from conftest import CODETASKS
+
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -243,27 +236,31 @@ def test_sweep_recipe_composes(run_mtft):
     assert (job["balancer"]["warmup_steps"], job["balancer"]["history_length"]) == (25, 6)
 
 
-# --- a real sweep, then the report --------------------------------------------------------------
+# --- a real sweep (conftest's tiny_sweep), then the report ---------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_sweep(run_mtft, tmp_path_factory) -> Path:
-    sweep = tmp_path_factory.mktemp("report") / "sweep"
-    run_mtft("train", "-m", "balancer=uniform,famo", "seed=1,2", *TINY, f"hydra.sweep.dir={sweep}")
-    return sweep
+@pytest.mark.slow
+def test_joblib_launcher_runs_jobs_in_parallel(tiny_sweep):
+    sweep, proc = tiny_sweep
+    summaries = [json.loads((sweep / job / "summary.json").read_text()) for job in ("0", "1", "2", "3")]
+    expected = [(balancer, seed) for balancer in ("uniform", "famo") for seed in (1, 2)]
+    assert [(s["balancer"], s["seed"]) for s in summaries] == expected
+    assert "Joblib.Parallel(n_jobs=2" in proc.stdout + proc.stderr
+    assert "JoblibLauncher" in (sweep / "multirun.yaml").read_text()
 
 
 @pytest.mark.slow
 def test_sweep_then_report(run_mtft, tiny_sweep):
-    proc = run_mtft("report", str(tiny_sweep))
+    sweep = tiny_sweep[0]
+    proc = run_mtft("report", str(sweep))
     rows = parse_table(proc.stdout)
     assert list(rows) == ["uniform", "famo"]
-    summaries = [json.loads(p.read_text()) for p in sorted(tiny_sweep.glob("*/summary.json"))]
+    summaries = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/summary.json"))]
     assert len(summaries) == 4
     for name, row in rows.items():
         mine = [s for s in summaries if s["balancer"] == name]
         assert row["runs"] == "2" and sorted(s["seed"] for s in mine) == [1, 2]
-        for task in TASKS:
+        for task in CODETASKS:
             for kind in ("final", "best"):
                 values = [s[f"{kind}_val_loss"][task] for s in mine]
                 expected = f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
@@ -273,7 +270,7 @@ def test_sweep_then_report(run_mtft, tiny_sweep):
         assert float(row["steps/s (unpaired)"].split(" ± ")[0]) > 0
     assert rows["uniform"]["Δ vs uniform"] in ("+0.0%", "-0.0%")
 
-    out = tiny_sweep / "report"
+    out = sweep / "report"
     for name in ("val_curves.png", "weights.png"):
         data = (out / name).read_bytes()
         assert data.startswith(PNG) and len(data) > 10_000, name
@@ -285,7 +282,7 @@ def test_sweep_then_report(run_mtft, tiny_sweep):
 @pytest.mark.slow
 def test_truncated_run_dir_gives_a_clear_warning(run_mtft, tiny_sweep, tmp_path):
     copy = tmp_path / "sweep"
-    shutil.copytree(tiny_sweep, copy, ignore=shutil.ignore_patterns("report"))
+    shutil.copytree(tiny_sweep[0], copy, ignore=shutil.ignore_patterns("report"))
     killed = copy / "1"
     (killed / "summary.json").unlink()
     metrics = killed / "metrics.jsonl"
@@ -301,16 +298,3 @@ def test_truncated_run_dir_gives_a_clear_warning(run_mtft, tiny_sweep, tmp_path)
     assert rows["uniform"]["runs"] == "1" and rows["famo"]["runs"] == "2"
     assert (out / "report.md").exists() and (out / "weights.png").exists()
     assert "## Warnings" in (out / "report.md").read_text()
-
-
-@pytest.mark.slow
-def test_joblib_launcher_runs_jobs_in_parallel(run_mtft, tmp_path):
-    sweep = tmp_path / "sweep"
-    proc = run_mtft(
-        "train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "balancer=uniform,coba", "seed=1",
-        *TINY, f"hydra.sweep.dir={sweep}",
-    )  # fmt: skip
-    summaries = [json.loads((sweep / job / "summary.json").read_text()) for job in ("0", "1")]
-    assert [s["balancer"] for s in summaries] == ["uniform", "coba"]
-    assert "Joblib.Parallel(n_jobs=2" in proc.stdout + proc.stderr
-    assert "JoblibLauncher" in (sweep / "multirun.yaml").read_text()

@@ -8,9 +8,8 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import read_metrics
+from conftest import CODETASKS, read_metrics
 
-TASKS = ["code_completion", "docstring_to_code", "code_to_docstring", "function_naming"]
 FAST = ["trainer.eval_batches=1", "trainer.eval_batch_size=32"]
 
 
@@ -31,19 +30,19 @@ def test_run_dir_follows_the_contract(default_run):
     val = [r for r in rows if r["split"] == "val"]
     for step in range(1, 21):
         by_task = {r["task"]: r for r in train if r["step"] == step}
-        assert set(by_task) == {*TASKS, "all"}, step
-        for task in TASKS:
+        assert set(by_task) == {*CODETASKS, "all"}, step
+        for task in CODETASKS:
             assert by_task[task]["weight"] == 1.0
             assert by_task[task]["loss"] is None or math.isfinite(by_task[task]["loss"])
         assert math.isfinite(by_task["all"]["loss"]) and by_task["all"]["tokens"] > 0
     assert sorted({r["step"] for r in val}) == [0, 10, 20]
     for step in (0, 10, 20):
-        assert {r["task"] for r in val if r["step"] == step} == {*TASKS, "all"}
+        assert {r["task"] for r in val if r["step"] == step} == {*CODETASKS, "all"}
 
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["balancer"] == "uniform" and summary["tasks"] == TASKS and summary["steps"] == 20
+    assert summary["balancer"] == "uniform" and summary["tasks"] == CODETASKS and summary["steps"] == 20
     final = {r["task"]: r["loss"] for r in val if r["step"] == 20}
-    for task in TASKS:
+    for task in CODETASKS:
         assert summary["final_val_loss"][task] == pytest.approx(final[task])
         assert summary["best_val_loss"][task] <= summary["final_val_loss"][task]
     for key in ("train_tokens_per_s", "wall_s", "peak_rss_mb"):
@@ -56,7 +55,7 @@ def test_run_dir_follows_the_contract(default_run):
 @pytest.mark.slow
 def test_every_task_learns(default_run):
     summary = json.loads((default_run[0] / "summary.json").read_text())
-    for task in TASKS:
+    for task in CODETASKS:
         assert summary["final_val_loss"][task] < summary["initial_val_loss"][task], task
 
 

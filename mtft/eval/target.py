@@ -11,15 +11,15 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from mtft.core.errors import MtftError
 from mtft.core.rundir import CONFIG, MODEL
-from mtft.models.adapters import quiet_peft
-from mtft.models.loading import load_model
 from mtft.recipe.config import TrainConfig, compose, load_config
 from mtft.recipe.validate import validate
+
+if TYPE_CHECKING:
+    import torch
 
 ADAPTER, FULL = "adapter_config.json", "config.json"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name
@@ -69,7 +69,11 @@ def resolve_target(target: str, overrides: list[str], config_dir: Path | None = 
 
 
 def load_eval_model(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
-    """`model.name_or_path` in eval mode on `device`; an adapter dir is applied to the base it names."""
+    """`model.name_or_path` in eval mode on `device`; an adapter dir is applied to the base it names.
+    (The model stack is imported here, so that a bad target or option fails before it loads.)"""
+    from mtft.models.adapters import quiet_peft
+    from mtft.models.loading import load_model
+
     path = cfg.model.name_or_path
     assert path is not None
     if (Path(path) / ADAPTER).is_file():
