@@ -30,8 +30,10 @@ lint: setup
 	$(BIN)/ruff check mtft tests bench
 	$(BIN)/ruff format --check mtft tests bench
 
-# Benchmarks (BENCHMARKS.md): quick ~10 min on 2 CPU cores; BENCH_MODE=full (or bench-full) ~45 min.
-# Both rewrite the tables of BENCHMARKS.md; results and sweep run dirs go to bench/results/<mode>/.
+# Benchmarks (BENCHMARKS.md): quick ~15 min on 2 CPU cores; BENCH_MODE=full (or bench-full) ~2.5 h
+# (python -m bench.run --mode full --only PART,... reruns some parts and keeps the others).
+# Both rewrite the tables of BENCHMARKS.md; results and sweep run dirs go to bench/results/<mode>/
+# (results.json is committed: `python -m bench.run --mode full --render-only` re-renders from it).
 BENCH_MODE ?= quick
 
 bench: setup
@@ -46,4 +48,5 @@ gpu-check: setup
 	PYTHON=$(BIN)/python bench/gpu_check.sh $(GPU_CHECK_ARGS)
 
 clean:
-	rm -rf $(VENV) outputs multirun .pytest_cache bench/results
+	rm -rf $(VENV) outputs multirun .pytest_cache
+	[ ! -d bench/results ] || find bench/results -mindepth 2 -maxdepth 2 ! -name results.json -exec rm -rf {} +  # run dirs; results.json is committed

@@ -5,6 +5,8 @@ Tasks are synthetic splits of codetasks (each of the four tasks cut into T/4 rou
 T=2, pairs merged), so the data and the model are the same at every T and only the balancer's
 bookkeeping grows. Balancers run at their default settings, except that CoBa's warm-up is shortened
 to a few steps so its weight update (not only its validation probe) is inside the measured steps.
+CoBa probes once every `update_interval` steps, so the timed steps are a whole number of intervals
+and a ratio compares total times: a median over steps would leave the probe steps out.
 Peak RSS is process-wide, so it is measured in a fresh subprocess per balancer.
 """
 
@@ -24,6 +26,7 @@ import psutil
 import torch
 
 from bench.common import ROOT, Setup, median, quiet, run_mtft
+from mtft.balancers.coba import CobaBalancerConfig
 from mtft.data.mixture import TokenizedMixture
 from mtft.engine.forward import task_token_loss
 
@@ -74,6 +77,7 @@ def run(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Every balancer at every T, `reps` times in rotating order; per-rep ratios to uniform, medians."""
+    check_whole_intervals(steps, warmup)
     out: dict[str, Any] = {"reps": reps, "steps": steps, "warmup": warmup, "by_tasks": {}}
     for T in task_counts:
         data = split_tasks(setup.data, T)
@@ -95,6 +99,7 @@ def run_accum(
 ) -> dict[str, Any]:
     """CoBa's probe is one forward per optimizer step, so its relative cost falls with gradient
     accumulation (larger effective batches, as in real finetuning): uniform vs coba at T=4."""
+    check_whole_intervals(steps, warmup)
     times: dict[str, list[list[float]]] = {"uniform": [], "coba": []}
     for rep in range(reps):
         for name in ("uniform", "coba") if rep % 2 == 0 else ("coba", "uniform"):
@@ -162,13 +167,21 @@ def run_lean(setup: Setup, reps: int, batches: int) -> dict[str, float]:
 
 
 def _summarize(steps: list[list[float]], uniform: list[list[float]]) -> dict[str, float]:
-    """Every balancer trains on the same batches, so step k of a run is paired with step k of the
-    uniform run of the same repetition: the ratio is the median over those pairs (batch lengths, which
-    vary 5x, cancel), then over repetitions."""
-    per_rep = [
-        median([x / u for x, u in zip(a, b, strict=True)]) for a, b in zip(steps, uniform, strict=True)
-    ]
+    """Every balancer trains on the same batches as the uniform run of the same repetition, so the
+    ratio of their total times over the timed steps compares equal work (batch lengths, which vary
+    5x, cancel) and counts periodic costs (CoBa's probe) at their true share; then the median over
+    repetitions."""
+    per_rep = [sum(a) / sum(b) for a, b in zip(steps, uniform, strict=True)]
     return {"median_step_s": median([s for run in steps for s in run]), "ratio": median(per_rep)}
+
+
+def check_whole_intervals(steps: int, warmup: int) -> None:
+    """The timed steps must hold CoBa's probe at its true share (see the module docstring)."""
+    interval = CobaBalancerConfig().update_interval
+    if (steps - warmup) % interval:
+        raise ValueError(
+            f"{steps} steps - {warmup} untimed must be a multiple of CoBa's update_interval {interval}"
+        )
 
 
 def peak_rss(num_tasks: int, steps: int, warmup: int) -> dict[str, dict[str, float | None]]:

@@ -94,6 +94,10 @@ SCENARIOS = (
     ),
 )
 BALANCERS = "uniform,coba,famo,gradnorm"
+# End-of-run eval (generation metrics) on the first N validation examples per task, so that a
+# sweep's greedy generation stays a few minutes on two cores.
+EVAL_SAMPLES = 32
+EVAL_AT_END = ("trainer.eval_at_end=true", f"eval.max_samples={EVAL_SAMPLES}")
 # The scenarios' budget: short sequences (data config) and small batches, so that 4 balancers x 3
 # seeds x 2 scenarios fit in well under an hour on two cores.
 SCENARIO_BATCH = 8
@@ -103,7 +107,7 @@ def scenario(
     out_dir: Path, sc: Scenario, seeds: Sequence[int], steps: int, eval_interval: int, jobs: int
 ) -> str:
     """Every balancer (and variant) on one scenario, then one `mtft report` over all of them."""
-    extra = [f"data={sc.data}", f"trainer.batch_size={SCENARIO_BATCH}"]
+    extra = [f"data={sc.data}", f"trainer.batch_size={SCENARIO_BATCH}", *EVAL_AT_END]
     dirs = [sweep(out_dir / "main", seeds, steps, eval_interval, jobs, extra, BALANCERS)]
     for name, balancer, overrides in sc.variants:
         dirs.append(sweep(out_dir / name, seeds, steps, eval_interval, jobs, [*extra, *overrides], balancer))

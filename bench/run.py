@@ -1,7 +1,8 @@
 """`make bench`: run the benchmarks and rewrite the tables of BENCHMARKS.md.
 
-    python -m bench.run --mode quick   # ~10 minutes on 2 CPU cores: fewer repetitions and steps
-    python -m bench.run --mode full    # ~45 minutes: the numbers committed in BENCHMARKS.md
+    python -m bench.run --mode quick   # ~15 minutes on 2 CPU cores: fewer repetitions and steps
+    python -m bench.run --mode full    # ~2.5 hours: the numbers committed in BENCHMARKS.md
+    python -m bench.run --mode full --only quality,scenarios   # some parts; the others are kept
 
 Results also go to bench/results/<mode>/results.json (with the sweep's run dirs next to it). Only the
 blocks between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` markers in BENCHMARKS.md are
@@ -19,7 +20,7 @@ import shutil
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ import torch
 
 from bench import data, generation, overhead, quality, throughput
 from bench.common import ROOT, Setup, machine, quiet
+from mtft.report.aggregate import build_report
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,7 @@ PACKED_ROWS = 8
 
 MODES = {
     "quick": Mode(
-        3, 14, 3, (2, 4, 8, 16, 32), 1, 10, 3, (4,), 0, (1,), 30, 10, False, data_n=50_000, gen=(32, 32, 2)
+        3, 14, 3, (2, 4, 8, 16, 32), 1, 10, 2, (4,), 0, (1,), 30, 10, False, data_n=50_000, gen=(32, 32, 2)
     ),
     "full": Mode(
         5,
@@ -81,98 +83,112 @@ MODES = {
         s_steps=150,
     ),
     # for tests/test_bench.py: a couple of steps of everything, the sweep left out
-    "smoke": Mode(1, 3, 1, (2,), 1, 3, 1, (), 0, (), 0, 0, False),
+    "smoke": Mode(1, 3, 1, (2,), 1, 9, 1, (), 0, (), 0, 0, False),
 }
 
 
-def run_all(mode_name: str, out_dir: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
+PARTS = ("throughput", "data", "generation", "overhead", "quality", "scenarios")
+
+
+def enabled(mode: Mode) -> tuple[str, ...]:
+    """The parts `mode` runs (a size of 0 leaves a part out)."""
+    off = {"data": not mode.data_n, "generation": not mode.gen[0], "quality": not mode.q_seeds}
+    off["scenarios"] = not mode.s_steps
+    return tuple(p for p in PARTS if not off.get(p, False))
+
+
+def run_all(
+    mode_name: str,
+    out_dir: Path,
+    parts: Sequence[str] | None = None,
+    results: dict[str, Any] | None = None,
+    log: Callable[[str], None] = print,
+    setup: Setup | None = None,
+    save: Callable[[dict[str, Any]], None] = lambda results: None,
+) -> dict[str, Any]:
+    """Run `parts` (default: every part the mode enables) into `results` (default: a fresh record);
+    each part keeps its own start time, duration and load average, since parts may come from
+    separate invocations (`--only`). Every comparison is paired inside one part. `save` gets the
+    results after each part, so an interrupted run keeps the parts it finished."""
     mode = MODES[mode_name]
     quiet()
-    started = time.perf_counter()
-    results: dict[str, Any] = {
-        "mode": mode_name,
-        "settings": asdict(mode),
-        "started": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": machine(),
-    }
-    setup = Setup.load()
+    results = results if results is not None else {}
+    results.update(mode=mode_name, settings=asdict(mode), machine=machine())
+    setup = setup or Setup.load()
     results["model_parameters"] = sum(p.numel() for p in setup.model().parameters())
     results["train_examples"] = len(setup.lengths)
     results["batch_size"] = setup.cfg.trainer.batch_size
     results["max_length"] = setup.cfg.data.max_length
-    log(f"throughput: {mode.tp_reps} reps x {len(throughput.SIDES)} sides x {mode.tp_steps} steps")
-    t0 = time.perf_counter()
-    results["throughput"] = throughput.run(setup, mode.tp_reps, mode.tp_steps, mode.tp_warmup, log)
-    results["throughput"]["wall_s"] = time.perf_counter() - t0
-    if mode.data_n:
-        results["data"] = data.run(mode.data_n, setup.model_path, (1, 2), log)
-    if mode.gen[0]:
-        results["generation"] = generation.run(setup, *mode.gen[:2], 16, mode.gen[2], log)
-    log(f"balancer overhead: T in {mode.oh_tasks}, {mode.oh_reps} reps x {mode.oh_steps} steps")
-    t0 = time.perf_counter()
-    results["overhead"] = overhead.run(setup, mode.oh_tasks, mode.oh_reps, mode.oh_steps, mode.oh_warmup, log)
-    if mode.accum:
-        results["overhead"]["accum"] = overhead.run_accum(
-            setup, mode.accum, mode.oh_reps, max(4, mode.oh_steps // 2), mode.oh_warmup, log
+    run = {
+        "throughput": lambda: _throughput(setup, mode, log),
+        "data": lambda: data.run(mode.data_n, setup.model_path, (1, 2), log),
+        "generation": lambda: generation.run(setup, *mode.gen[:2], 16, mode.gen[2], log),
+        "overhead": lambda: _overhead(setup, mode, log),
+        "quality": lambda: _quality(mode, out_dir, log),
+        "scenarios": lambda: run_scenarios(mode, out_dir, log),
+    }
+    for part in parts or enabled(mode):
+        started, load, t0 = _now(), machine()["load_avg"], time.perf_counter()
+        results[part] = run[part]()
+        results[part].update(
+            started=started, wall_s=time.perf_counter() - t0, load_avg=[load, machine()["load_avg"]]
         )
+        save(results)
+    return results
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _throughput(setup: Setup, mode: Mode, log: Callable[[str], None]) -> dict[str, Any]:
+    log(f"throughput: {mode.tp_reps} reps x {len(throughput.SIDES)} sides x {mode.tp_steps} steps")
+    return throughput.run(setup, mode.tp_reps, mode.tp_steps, mode.tp_warmup, log)
+
+
+def _overhead(setup: Setup, mode: Mode, log: Callable[[str], None]) -> dict[str, Any]:
+    log(f"balancer overhead: T in {mode.oh_tasks}, {mode.oh_reps} reps x {mode.oh_steps} steps")
+    out = overhead.run(setup, mode.oh_tasks, mode.oh_reps, mode.oh_steps, mode.oh_warmup, log)
+    if mode.accum:
+        out["accum"] = overhead.run_accum(setup, mode.accum, mode.oh_reps, mode.oh_steps, mode.oh_warmup, log)
     log("lean LM head vs full, paired batch by batch")
-    results["overhead"]["lean"] = overhead.run_lean(setup, mode.oh_reps + 1, max(4, mode.oh_steps // 2))
-    results["overhead"]["rss"] = {}
+    out["lean"] = overhead.run_lean(setup, mode.oh_reps + 1, max(4, mode.oh_steps // 2))
+    out["rss"] = {}
     for T in mode.rss_tasks:
         log(f"peak RSS at T={T}")
-        results["overhead"]["rss"][str(T)] = overhead.peak_rss(T, 6, 2)
-    results["overhead"]["wall_s"] = time.perf_counter() - t0
-    if mode.q_seeds:
-        t0 = time.perf_counter()
-        sweep_dir = out_dir / "sweep"
-        shutil.rmtree(sweep_dir, ignore_errors=True)
-        log(f"quality: 4 balancers x seeds {mode.q_seeds}, {mode.q_steps} steps each")
-        quality.sweep(sweep_dir, mode.q_seeds, mode.q_steps, mode.q_eval_interval, mode.jobs)
-        table = quality.report(sweep_dir)
-        runs = quality.summaries(sweep_dir)
-        results["quality"] = {
-            "report_md": table,
-            "sweep_dir": str(sweep_dir.relative_to(ROOT))
-            if sweep_dir.is_relative_to(ROOT)
-            else str(sweep_dir),
-            "steps": mode.q_steps,
-            "seeds": list(mode.q_seeds),
-            "train_tokens": sorted({r["train_tokens"] for r in runs}),
-            "runs": [_run_row(r) for r in runs],
-        }
-        if mode.q_grouped:
-            grouped_dir = out_dir / "sweep_grouped"
-            shutil.rmtree(grouped_dir, ignore_errors=True)
-            log("quality: uniform with data.group_by_length=true")
-            quality.sweep(
-                grouped_dir,
-                mode.q_seeds,
-                mode.q_steps,
-                mode.q_eval_interval,
-                mode.jobs,
-                extra=["data.group_by_length=true"],
-                balancers="uniform",
-            )
-            results["quality"]["grouped_runs"] = [_run_row(r) for r in quality.summaries(grouped_dir)]
-            packed_dir = out_dir / "sweep_packed"
-            shutil.rmtree(packed_dir, ignore_errors=True)
-            log(f"quality: uniform with data.packing=true, {PACKED_ROWS} rows a step")
-            quality.sweep(
-                packed_dir,
-                mode.q_seeds,
-                mode.q_steps,
-                mode.q_eval_interval,
-                mode.jobs,
-                extra=["data.packing=true", f"trainer.batch_size={PACKED_ROWS}"],
-                balancers="uniform",
-            )
-            results["quality"]["packed_runs"] = [_run_row(r) for r in quality.summaries(packed_dir)]
-        results["quality"]["wall_s"] = time.perf_counter() - t0
-    if mode.s_steps:
-        results["scenarios"] = run_scenarios(mode, out_dir, log)
-    results["wall_s"] = time.perf_counter() - started
-    results["machine"]["load_avg_end"] = machine()["load_avg"]
-    return results
+        out["rss"][str(T)] = overhead.peak_rss(T, 6, 2)
+    return out
+
+
+def _quality(mode: Mode, out_dir: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    """The balancer sweep (with end-of-run eval), then uniform with length grouping and with packing."""
+
+    def sweep(name: str, extra: Sequence[str], balancers: str | None = None) -> Path:
+        path = out_dir / name
+        shutil.rmtree(path, ignore_errors=True)
+        kw = {"balancers": balancers} if balancers else {}
+        return quality.sweep(path, mode.q_seeds, mode.q_steps, mode.q_eval_interval, mode.jobs, extra, **kw)
+
+    log(f"quality: 4 balancers x seeds {mode.q_seeds}, {mode.q_steps} steps each, eval at the end")
+    sweep_dir = sweep("sweep", quality.EVAL_AT_END)
+    runs = quality.summaries(sweep_dir)
+    out: dict[str, Any] = {
+        "report_md": quality.report(sweep_dir),
+        "sweep_dir": str(sweep_dir.relative_to(ROOT)) if sweep_dir.is_relative_to(ROOT) else str(sweep_dir),
+        "steps": mode.q_steps,
+        "seeds": list(mode.q_seeds),
+        "eval_samples": quality.EVAL_SAMPLES,
+        "train_tokens": sorted({r["train_tokens"] for r in runs}),
+        "runs": [_run_row(r) for r in runs],
+    }
+    if mode.q_grouped:
+        log("quality: uniform with data.group_by_length=true")
+        grouped = sweep("sweep_grouped", ["data.group_by_length=true"], "uniform")
+        out["grouped_runs"] = [_run_row(r) for r in quality.summaries(grouped)]
+        log(f"quality: uniform with data.packing=true, {PACKED_ROWS} rows a step")
+        packed = sweep("sweep_packed", ["data.packing=true", f"trainer.batch_size={PACKED_ROWS}"], "uniform")
+        out["packed_runs"] = [_run_row(r) for r in quality.summaries(packed)]
+    return out
 
 
 def run_scenarios(mode: Mode, out_dir: Path, log: Callable[[str], None]) -> dict[str, Any]:
@@ -184,10 +200,20 @@ def run_scenarios(mode: Mode, out_dir: Path, log: Callable[[str], None]) -> dict
         sc_dir = out_dir / sc.data
         shutil.rmtree(sc_dir, ignore_errors=True)
         report_md = quality.scenario(sc_dir, sc, mode.q_seeds, mode.s_steps, mode.s_eval_interval, mode.jobs)
+        report = build_report([d for d in sorted(sc_dir.iterdir()) if d.is_dir() and d.name != "report"])
         out["by_data"][sc.data] = {
             "report_md": report_md,
             "dir": str(sc_dir.relative_to(ROOT)) if sc_dir.is_relative_to(ROOT) else str(sc_dir),
             "wall_s": time.perf_counter() - t0,
+            "stats": {  # what the targets table judges the scenario's claim by
+                res.name: {
+                    "rise": res.rise[sc.focus].mean,
+                    "mean_final": res.mean_final.mean,
+                    "weight_sd": res.weight_sd[sc.focus].mean,
+                    "n": res.mean_final.n,
+                }
+                for res in report.results
+            },
         }
     return out
 
@@ -218,24 +244,93 @@ def render(results: dict[str, Any]) -> dict[str, str]:
     blocks = {}
     m = results["machine"]
     mode = results["mode"]
+    done = sorted((p for p in PARTS if p in results), key=lambda p: results[p]["started"])
     blocks["run"] = "\n".join(
         [
-            f"Mode **{mode}** (`make bench{'' if mode == 'quick' else ' BENCH_MODE=' + mode}`), started "
-            f"{results['started']}, {results['wall_s'] / 60:.1f} minutes in all.",
+            f"Mode **{mode}** (`make bench{'' if mode == 'quick' else ' BENCH_MODE=' + mode}`). Each part is "
+            "one process run; every comparison is paired inside its part (`--only PART` reruns one part):",
+            "",
+            "| part | started | minutes | load average at start / end |",
+            "|---|---|---:|---|",
+            *(
+                f"| {p} | {results[p]['started']} | {results[p]['wall_s'] / 60:.1f} | "
+                f"{results[p]['load_avg'][0]} / {results[p]['load_avg'][1]} |"
+                for p in done
+            ),
             "",
             f"- machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB RAM, {m['platform']}",
             f"- software: Python {m['python']}, torch {m['torch']} (torch threads: {m['torch_threads']}; "
             f"OMP_NUM_THREADS={m['omp_num_threads'] or 'unset'}), transformers {m['transformers']}",
-            f"- load average at start / end: {m['load_avg']} / {m.get('load_avg_end')} (the machine is "
-            "shared with other work; every comparison is paired inside one process run)",
             f"- model: the embedded tiny Llama ({results['model_parameters'] / 1e6:.2f}M parameters), data: "
             f"codetasks ({results['train_examples']:,} training examples), micro-batch "
             f"{results['batch_size']} sequences, fp32 on CPU",
         ]
     )
-    blocks["throughput"] = render_throughput(results["throughput"], results["batch_size"])
+    if "throughput" in results:
+        blocks["throughput"] = render_throughput(results["throughput"], results["batch_size"])
+    if "overhead" in results:
+        blocks["overhead"] = render_overhead(results["overhead"])
 
-    oh = results["overhead"]
+    q = results.get("quality")
+    if q:
+        table = q["report_md"]
+        body = table.split("## Validation loss per task")[0].replace("# mtft report", "").strip()
+        tokens = q["train_tokens"]
+        rows = [
+            f"Budget: **{q['steps']} steps x {results['batch_size']} sequences = "
+            f"{q['steps'] * results['batch_size']:,} sequences per run**, "
+            f"{tokens[0]:,}{'–' + format(tokens[-1], ',') if len(tokens) > 1 else ''} non-padding tokens "
+            "(the same batches for every balancer of a seed), seeds "
+            f"{', '.join(map(str, q['seeds']))}; two jobs at a time, one thread each (`OMP_NUM_THREADS=1`); "
+            f"each run ends with `mtft eval` of its final model (`trainer.eval_at_end=true`) on the first "
+            f"{q.get('eval_samples', 'all')} validation examples per task (the metric columns); "
+            f"{q['wall_s'] / 60:.1f} minutes. `mtft report {q['sweep_dir']}` printed:",
+            "",
+            body,
+        ]
+        if q.get("grouped_runs"):
+            plain = [r for r in q["runs"] if r["balancer"] == "uniform"]
+            grouped = q["grouped_runs"]
+
+            def agg(rs: list[dict[str, Any]], key: str) -> str:
+                vals = [r[key] for r in rs]
+                sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+                return f"{statistics.fmean(vals):.3f} ± {sd:.3f}"
+
+            rows += [
+                "",
+                "Length-grouped batching at the same budget (uniform balancer, same seeds):",
+                "",
+                "| batching | mean final val loss | mean best val loss | useful tokens/s (1 thread) | wall per run |",
+                "|---|---:|---:|---:|---:|",
+                f"| plain | {agg(plain, 'mean_final')} | {agg(plain, 'mean_best')} | "
+                f"{statistics.fmean(r['tokens_per_s'] for r in plain):,.0f} | {statistics.fmean(r['wall_s'] for r in plain):.0f} s |",
+                f"| `data.group_by_length=true` | {agg(grouped, 'mean_final')} | {agg(grouped, 'mean_best')} | "
+                f"{statistics.fmean(r['tokens_per_s'] for r in grouped):,.0f} | {statistics.fmean(r['wall_s'] for r in grouped):.0f} s |",
+            ]
+        if q.get("packed_runs"):
+            packed = q["packed_runs"]
+            rows.append(
+                f"| `data.packing=true`, {PACKED_ROWS} rows of {results['max_length']} tokens | "
+                f"{agg(packed, 'mean_final')} | {agg(packed, 'mean_best')} | "
+                f"{statistics.fmean(r['tokens_per_s'] for r in packed):,.0f} | {statistics.fmean(r['wall_s'] for r in packed):.0f} s |"
+            )
+        blocks["quality"] = "\n".join(rows)
+    if "data" in results:
+        blocks["data"] = data.render(results["data"])
+    if "generation" in results:
+        blocks["generation"] = generation.render(results["generation"])
+    if "scenarios" in results:
+        blocks["scenarios"] = render_scenarios(results)
+    blocks["targets"] = render_targets(results)
+    # A part the mode leaves out says so; one it runs but these results lack (an interrupted or
+    # `--only` run) keeps its block from the run that made it.
+    for part in set(PARTS) - set(enabled(MODES[mode])):
+        blocks.setdefault(part, "(not run in this mode)")
+    return blocks
+
+
+def render_overhead(oh: dict[str, Any]) -> str:
     names = overhead.BALANCERS
     rows = [
         "| tasks T | "
@@ -256,9 +351,9 @@ def render(results: dict[str, Any]) -> dict[str, str]:
     rows += [
         "",
         f"{oh['reps']} repetition(s), balancers alternating, {oh['steps']} steps each ({oh['warmup']} untimed). "
-        "Step k of a balancer's run is paired with step k of the uniform run of the same repetition (same "
-        "batch); a ratio is the median over those pairs, then over repetitions. Step times are medians over "
-        "all timed steps.",
+        "A balancer's run trains on the same batches as the uniform run of the same repetition; a ratio is "
+        "their total time over the timed steps (a whole number of CoBa's probe intervals, so its probe counts "
+        "at its true share), then the median over repetitions. Step times are medians over all timed steps.",
     ]
     if "accum" in oh:
         a = oh["accum"]
@@ -295,60 +390,7 @@ def render(results: dict[str, Any]) -> dict[str, str]:
                     f"{r['peak_rss_mb']:,.0f} / {train:,.0f}" if train else f"{r['peak_rss_mb']:,.0f}"
                 )
             rows.append(f"| {T} | " + " | ".join(cells) + " |")
-    blocks["overhead"] = "\n".join(rows)
-
-    q = results.get("quality")
-    if q:
-        table = q["report_md"]
-        body = table.split("## Validation loss per task")[0].replace("# mtft report", "").strip()
-        tokens = q["train_tokens"]
-        rows = [
-            f"Budget: **{q['steps']} steps x {results['batch_size']} sequences = "
-            f"{q['steps'] * results['batch_size']:,} sequences per run**, "
-            f"{tokens[0]:,}{'–' + format(tokens[-1], ',') if len(tokens) > 1 else ''} non-padding tokens "
-            "(the same batches for every balancer of a seed), seeds "
-            f"{', '.join(map(str, q['seeds']))}; two jobs at a time, one thread each (`OMP_NUM_THREADS=1`); "
-            f"{q['wall_s'] / 60:.1f} minutes. `mtft report {q['sweep_dir']}` printed:",
-            "",
-            body,
-        ]
-        if q.get("grouped_runs"):
-            plain = [r for r in q["runs"] if r["balancer"] == "uniform"]
-            grouped = q["grouped_runs"]
-
-            def agg(rs: list[dict[str, Any]], key: str) -> str:
-                vals = [r[key] for r in rs]
-                sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-                return f"{statistics.fmean(vals):.3f} ± {sd:.3f}"
-
-            rows += [
-                "",
-                "Length-grouped batching at the same budget (uniform balancer, same seeds):",
-                "",
-                "| batching | mean final val loss | mean best val loss | useful tokens/s (1 thread) | wall per run |",
-                "|---|---:|---:|---:|---:|",
-                f"| plain | {agg(plain, 'mean_final')} | {agg(plain, 'mean_best')} | "
-                f"{statistics.fmean(r['tokens_per_s'] for r in plain):,.0f} | {statistics.fmean(r['wall_s'] for r in plain):.0f} s |",
-                f"| `data.group_by_length=true` | {agg(grouped, 'mean_final')} | {agg(grouped, 'mean_best')} | "
-                f"{statistics.fmean(r['tokens_per_s'] for r in grouped):,.0f} | {statistics.fmean(r['wall_s'] for r in grouped):.0f} s |",
-            ]
-        if q.get("packed_runs"):
-            packed = q["packed_runs"]
-            rows.append(
-                f"| `data.packing=true`, {PACKED_ROWS} rows of {results['max_length']} tokens | "
-                f"{agg(packed, 'mean_final')} | {agg(packed, 'mean_best')} | "
-                f"{statistics.fmean(r['tokens_per_s'] for r in packed):,.0f} | {statistics.fmean(r['wall_s'] for r in packed):.0f} s |"
-            )
-        blocks["quality"] = "\n".join(rows)
-    else:
-        blocks["quality"] = "(not run in this mode)"
-    blocks["data"] = data.render(results["data"]) if "data" in results else "(not run in this mode)"
-    blocks["generation"] = (
-        generation.render(results["generation"]) if "generation" in results else "(not run in this mode)"
-    )
-    blocks["scenarios"] = render_scenarios(results)
-    blocks["targets"] = render_targets(results)
-    return blocks
+    return "\n".join(rows)
 
 
 def render_throughput(tp: dict[str, Any], batch_size: int) -> str:
@@ -434,8 +476,6 @@ def render_throughput(tp: dict[str, Any], batch_size: int) -> str:
 
 def render_scenarios(results: dict[str, Any]) -> str:
     """Each scenario's `mtft report` as printed (tables, winners line), under its claim."""
-    if "scenarios" not in results:
-        return "(not run in this mode)"
     scenarios = results["scenarios"]
     by_data = {sc.data: sc for sc in quality.SCENARIOS}
     parts = []
@@ -457,30 +497,31 @@ def render_scenarios(results: dict[str, Any]) -> str:
 
 
 def render_targets(results: dict[str, Any]) -> str:
-    r = results["throughput"]["ratios"]
-    oh = results["overhead"]["by_tasks"]
-    T4 = oh.get("4") or next(iter(oh.values()))
-    Ts = list(oh)
-    Tmax = max(Ts, key=int)
-
     def status(ok: bool) -> str:
         return "met" if ok else "**missed**"
 
-    gn = ", ".join(f"T={T}: {_x(oh[T]['gradnorm']['ratio'])}" for T in Ts)
-    rows = [
-        "| target | measured | status |",
-        "|---|---:|---|",
-        f"| mtft ≥ 0.9x bare PyTorch loop (tokens/s) | {_x(r['mtft/bare'])} | {status(r['mtft/bare'] >= 0.9)} |",
-        f"| mtft ≥ 1.0x Hugging Face Trainer | {_x(r['mtft/hf'])} | {status(r['mtft/hf'] >= 1.0)} |",
-        f"| `data.packing=true` ≥ 1.8x plain batches (useful tokens/s, codetasks) | {_x(r['mtft_packed/mtft'])} | "
-        f"{status(r['mtft_packed/mtft'] >= 1.8)} |",
-        f"| with packing on both sides: mtft ≥ 0.9x bare loop, ≥ 1.0x HF Trainer | {_x(r['mtft_packed/bare_packed'])}, "
-        f"{_x(r['mtft_packed/hf_packed'])} | {status(r['mtft_packed/bare_packed'] >= 0.9 and r['mtft_packed/hf_packed'] >= 1.0)} |",
-        f"| CoBa ≤ 1.05x uniform step time (defaults, T=4, grad_accum=1) | {_x(T4['coba']['ratio'])} | {status(T4['coba']['ratio'] <= 1.05)} |",
-        f"| FAMO ≤ 1.05x uniform step time (defaults, T=4) | {_x(T4['famo']['ratio'])} | {status(T4['famo']['ratio'] <= 1.05)} |",
-        f"| GradNorm ≤ 1.6x uniform step time at T={Tmax} (growth with T shown) | {gn} | "
-        f"{status(oh[Tmax]['gradnorm']['ratio'] <= 1.6)} |",
-    ]
+    rows = ["| target | measured | status |", "|---|---:|---|"]
+    if "throughput" in results:
+        r = results["throughput"]["ratios"]
+        rows += [
+            f"| mtft ≥ 0.9x bare PyTorch loop (tokens/s) | {_x(r['mtft/bare'])} | {status(r['mtft/bare'] >= 0.9)} |",
+            f"| mtft ≥ 1.0x Hugging Face Trainer | {_x(r['mtft/hf'])} | {status(r['mtft/hf'] >= 1.0)} |",
+            f"| `data.packing=true` ≥ 1.8x plain batches (useful tokens/s, codetasks) | {_x(r['mtft_packed/mtft'])} | "
+            f"{status(r['mtft_packed/mtft'] >= 1.8)} |",
+            f"| with packing on both sides: mtft ≥ 0.9x bare loop, ≥ 1.0x HF Trainer | {_x(r['mtft_packed/bare_packed'])}, "
+            f"{_x(r['mtft_packed/hf_packed'])} | {status(r['mtft_packed/bare_packed'] >= 0.9 and r['mtft_packed/hf_packed'] >= 1.0)} |",
+        ]
+    if "overhead" in results:
+        oh = results["overhead"]["by_tasks"]
+        T4 = oh.get("4") or next(iter(oh.values()))
+        Tmax = max(oh, key=int)
+        gn = ", ".join(f"T={T}: {_x(oh[T]['gradnorm']['ratio'])}" for T in oh)
+        rows += [
+            f"| CoBa ≤ 1.05x uniform step time (defaults, T=4, grad_accum=1) | {_x(T4['coba']['ratio'])} | {status(T4['coba']['ratio'] <= 1.05)} |",
+            f"| FAMO ≤ 1.05x uniform step time (defaults, T=4) | {_x(T4['famo']['ratio'])} | {status(T4['famo']['ratio'] <= 1.05)} |",
+            f"| GradNorm ≤ 1.6x uniform step time at T={Tmax} (growth with T shown) | {gn} | "
+            f"{status(oh[Tmax]['gradnorm']['ratio'] <= 1.6)} |",
+        ]
     q = results.get("quality") or {}
     if q.get("packed_runs"):
         plain = [run["mean_final"] for run in q["runs"] if run["balancer"] == "uniform"]
@@ -504,6 +545,15 @@ def render_targets(results: dict[str, Any]) -> str:
         g = results["generation"]["ratio"]
         rows.append(
             f"| generation throughput: batched vs one prompt at a time (tokens/s) | {_x(g)} | shown |"
+        )
+    skewed = results.get("scenarios", {}).get("by_data", {}).get("codetasks_skewed", {}).get("stats", {})
+    if "coba" in skewed and "uniform" in skewed:
+        c, u = skewed["coba"], skewed["uniform"]
+        ok = c["rise"] <= u["rise"] / 2 and c["mean_final"] <= u["mean_final"]
+        rows.append(
+            f"| `data=codetasks_skewed`: CoBa (defaults) cuts `function_naming`'s rise from its best to ≤ half "
+            f"of uniform's, mean final val loss no worse ({c['n']} seeds) | rise {c['rise']:+.1%} vs "
+            f"{u['rise']:+.1%}; mean {c['mean_final']:.3f} vs {u['mean_final']:.3f} | {status(ok)} |"
         )
     return "\n".join(rows)
 
@@ -535,10 +585,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--render-only", action="store_true", help="re-render from an existing results.json")
     parser.add_argument(
-        "--only-scenarios",
-        action="store_true",
-        help="run only the embedded scenarios' sweeps and rewrite only their block (the rest of "
-        "results.json is kept)",
+        "--only",
+        default=None,
+        help=f"comma-separated parts to run ({', '.join(PARTS)}); their results replace those parts in "
+        "an existing results.json, the other parts are kept, and every block is re-rendered",
     )
     parser.add_argument(
         "--threads",
@@ -553,18 +603,22 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = (args.out or ROOT / "bench" / "results" / args.mode).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     results_path = out_dir / "results.json"
-    if args.only_scenarios:
-        results = json.loads(results_path.read_text()) if results_path.exists() else {}
-        results["scenarios"] = run_scenarios(MODES[args.mode], out_dir, lambda s: print(s, flush=True))
-        results_path.write_text(json.dumps(results, indent=1))
-        rewrite(args.markdown, {"scenarios": render_scenarios(results)})
-        print(f"results: {results_path}\nscenario tables rewritten in {args.markdown}")
-        return 0
     if args.render_only:
         results = json.loads(results_path.read_text())
     else:
-        results = run_all(args.mode, out_dir, log=lambda s: print(s, flush=True))
-        results_path.write_text(json.dumps(results, indent=1))
+        parts = args.only.split(",") if args.only else None
+        unknown = sorted(set(parts or ()) - set(PARTS))
+        if unknown:
+            parser.error(f"unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
+        kept = json.loads(results_path.read_text()) if parts and results_path.exists() else None
+        results = run_all(
+            args.mode,
+            out_dir,
+            parts,
+            kept,
+            log=lambda s: print(s, flush=True),
+            save=lambda r: results_path.write_text(json.dumps(r, indent=1)),
+        )
     rewrite(args.markdown, render(results))
     print(f"results: {results_path}\ntables rewritten in {args.markdown}")
     return 0

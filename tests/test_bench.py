@@ -32,6 +32,12 @@ def test_timing_excludes_warmup_steps():
     assert t.step_times == [1.0, 2.0, 3.0] and t.tokens_per_s == 15.0
 
 
+def test_overhead_counts_a_periodic_probe_step_at_its_share():
+    coba = [[1.0] * 7 + [3.0], [2.0] * 7 + [6.0]]  # one probe step in eight, twice the work
+    uniform = [[1.0] * 8, [2.0] * 8]
+    assert overhead._summarize(coba, uniform)["ratio"] == pytest.approx(10 / 8)  # a median would say 1.0
+
+
 def test_split_tasks_relabels_every_example(setup: Setup):
     old_train = np.asarray(setup.data.train["task_id"])
     for T in (2, 8):
@@ -44,6 +50,17 @@ def test_split_tasks_relabels_every_example(setup: Setup):
         overhead.split_tasks(setup.data, 6)
 
 
+META = {"started": "now", "wall_s": 1.0, "load_avg": [[0, 0, 0], [0, 0, 0]]}
+
+
+def _results(mode: str, **parts: dict) -> dict:
+    """A results.json record of `mode` holding `parts`, as bench.run writes it."""
+    machine = {"cpu": "cpu", "cores": 2, "memory_gb": 1, "platform": "p", "python": "3", "torch": "t"}
+    machine |= {"torch_threads": 2, "omp_num_threads": None, "transformers": "x", "load_avg": [0, 0, 0]}
+    header = {"model_parameters": 1e6, "train_examples": 10, "batch_size": 16}
+    return {"mode": mode, "machine": machine, **header, **parts}
+
+
 def test_throughput_and_overhead_run_and_render(setup: Setup, tmp_path: Path):
     tp = throughput.run(setup, reps=1, steps=2, warmup=1, log=lambda s: None)
     assert set(tp["sides"]) == set(throughput.SIDES)
@@ -53,35 +70,16 @@ def test_throughput_and_overhead_run_and_render(setup: Setup, tmp_path: Path):
     assert tp["padding"]["packed"]["waste"] < 0.1 * tp["padding"]["plain"]["waste"]
     assert tp["padding"]["batches"] > 0
 
-    oh = overhead.run(setup, (4,), reps=1, steps=2, warmup=1, log=lambda s: None)
+    oh = overhead.run(setup, (4,), reps=1, steps=9, warmup=1, log=lambda s: None)
     by = oh["by_tasks"]["4"]
     assert set(by) == set(overhead.BALANCERS) and by["uniform"]["ratio"] == 1.0
     assert all(by[b]["median_step_s"] > 0 for b in overhead.BALANCERS)
+    with pytest.raises(ValueError, match="multiple of CoBa's update_interval"):
+        overhead.run(setup, (4,), reps=1, steps=2, warmup=1)
     oh["lean"] = overhead.run_lean(setup, reps=1, batches=1)
     assert all(math.isfinite(v) and v > 0 for k, v in oh["lean"].items() if "/" in k)
 
-    results = {
-        "mode": "smoke",
-        "started": "now",
-        "wall_s": 1.0,
-        "machine": {
-            "cpu": "cpu",
-            "cores": 2,
-            "memory_gb": 1,
-            "platform": "p",
-            "python": "3",
-            "torch": "t",
-            "torch_threads": 2,
-            "omp_num_threads": None,
-            "transformers": "x",
-            "load_avg": [0, 0, 0],
-        },
-        "model_parameters": 1e6,
-        "train_examples": 10,
-        "batch_size": 16,
-        "throughput": tp,
-        "overhead": oh,
-    }
+    results = _results("smoke", throughput={**tp, **META}, overhead={**oh, **META})
     md = tmp_path / "BENCHMARKS.md"
     md.write_text(
         "# Benchmarks\n\nprose kept\n\n<!-- bench:throughput -->\nold table\n<!-- /bench:throughput -->\n\nmore prose\n"
@@ -94,6 +92,17 @@ def test_throughput_and_overhead_run_and_render(setup: Setup, tmp_path: Path):
     assert text.count("<!-- bench:throughput -->") == 1 and "<!-- bench:targets -->" in text
     run.rewrite(md, run.render(results))
     assert md.read_text() == text  # idempotent: a second run replaces the same blocks
+    assert "| throughput | now | 0.0 |" in text and "| overhead | now |" in text
+
+
+def test_only_reruns_the_named_part_and_keeps_the_others(setup: Setup, tmp_path: Path):
+    kept = {"overhead": {"by_tasks": {}, "started": "earlier"}, "throughput": {"stale": True}}
+    results = run.run_all("smoke", tmp_path, ["throughput"], kept, log=lambda s: None, setup=setup)
+    assert results["overhead"] == {"by_tasks": {}, "started": "earlier"}
+    assert "stale" not in results["throughput"] and results["throughput"]["ratios"]
+    assert results["throughput"]["wall_s"] > 0 and len(results["throughput"]["load_avg"]) == 2
+    assert run.enabled(run.MODES["smoke"]) == ("throughput", "overhead")
+    assert run.enabled(run.MODES["full"]) == run.PARTS
 
 
 def test_packed_quality_is_judged_against_the_noise_of_both_sides():
@@ -117,3 +126,19 @@ def test_generation_benchmark_runs_and_renders(setup: Setup):
     g = generation.run(setup, n=4, max_new_tokens=3, batch_size=4, reps=1, log=lambda s: None)
     assert g["prompts"] == 4 and g["ratio"] > 0 and g["tokens_per_s"]["single"] > 0
     assert "| batched (4 prompts" in generation.render(g)
+
+
+def test_a_partial_run_keeps_the_blocks_it_lacks_and_judges_the_skewed_scenario():
+    def stats(rise: float, mean: float) -> dict:
+        return {"rise": rise, "mean_final": mean, "weight_sd": 0.05, "n": 3}
+
+    skewed = {"stats": {"uniform": stats(0.04, 5.2), "coba": stats(0.015, 5.19)}, "report_md": "", "dir": "d"}
+    scenarios = {"steps": 150, "seeds": [1, 2, 3], "by_data": {"codetasks_skewed": {**skewed, "wall_s": 60}}}
+    blocks = run.render(_results("full", scenarios={**scenarios, **META}))
+    assert not {"throughput", "overhead", "quality", "data", "generation"} & set(blocks)  # kept as they are
+    assert "| scenarios | now |" in blocks["run"]
+    row = blocks["targets"].splitlines()[-1]
+    assert "`data=codetasks_skewed`" in row and "+1.5% vs +4.0%" in row and row.endswith("| met |")
+    skewed["stats"]["coba"] = stats(0.025, 5.19)  # more than half of uniform's rise
+    assert run.render_targets(_results("full", scenarios=scenarios)).endswith("| **missed** |")
+    assert run.render(_results("smoke"))["quality"] == "(not run in this mode)"

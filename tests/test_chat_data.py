@@ -8,18 +8,23 @@ from __future__ import annotations
 
 import gzip
 import json
+import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
 import torch
 from datasets import Dataset
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from mtft.core.errors import MtftError
 from mtft.data.collator import IGNORE_INDEX
-from mtft.data.config import DataConfig, TaskConfig
+from mtft.data.config import DataConfig, TaskConfig, TrainOn
+from mtft.data.encode import Encoder
+from mtft.data.formats import TEXT
 from mtft.data.mixture import build_mixture, tokenize_mixture
 from mtft.data.templates import CHATML, PLAIN, resolve_template
 
@@ -315,6 +320,181 @@ def test_a_template_that_refuses_a_role_names_the_record(tokenizer, tmp_path):
         match=r"chat\.jsonl:1: the chat template refused this conversation: System role not supported",
     ):
         tokenized_rows([path], tmp_path, tokenizer, no_system)
+
+
+# --- over-long records ----------------------------------------------------------------------------
+
+
+class WholeEncoder(Encoder):
+    """The reference: every piece tokenized whole, then the same cut."""
+
+    def _ends(self, text: str) -> None:
+        return None
+
+
+class Spy:
+    """A tokenizer that remembers the longest text it was given, and the texts given one at a time."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.longest, self.windows = tokenizer, 0, []
+
+    def __call__(self, texts, **kwargs):
+        self.longest = max(self.longest, *map(len, [texts] if isinstance(texts, str) else texts))
+        if isinstance(texts, str):
+            self.windows.append(texts)
+        return self.tokenizer(texts, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self.tokenizer, name)
+
+
+def huge_cases(big: str, template: str | None = QWEN2_5) -> list[tuple[list[str], list[str]]]:
+    """Conversations with the over-long text `big` in every position (that `template` can render)."""
+    s = USER1
+    cases = [
+        (["system", "user", "assistant"], [big, s, A1]),
+        (["user", "assistant"], [big, A1]),
+        (["user", "assistant"], [s, big]),
+        (["system", "user", "assistant", "user", "assistant"], [s, big, A1, s, A2]),
+        (["system", "user", "assistant", "user", "assistant"], [s, s, big, s, A2]),
+        (["system", "user", "assistant", "user", "assistant"], [s, s, A1, big, A2]),
+        (["system", "user", "assistant", "user", "assistant"], [s, s, A1, s, big]),
+        ([TEXT], [big]),
+    ]
+    return [c for c in cases if template is not None or c[0] in (["user", "assistant"], [TEXT])]
+
+
+def encode_both(tokenizer, template, max_length, big, train_on):
+    """(windowed, whole) rows of every huge case, and the spy on the windowed encoder's tokenizer."""
+    spy = Spy(tokenizer)
+    cases = huge_cases(big, template)
+    windowed = Encoder(spy, max_length, template).encode_batch(cases, train_on)
+    return windowed, WholeEncoder(tokenizer, max_length, template).encode_batch(cases, train_on), spy
+
+
+def cut_at_word_ends(windows: list[str], pieces: list[str]) -> bool:
+    """Each window is a piece's start followed by a space after a word, or its end from such a space."""
+    for w in windows:
+        head = any(p.startswith(w + " ") and not w[-1].isspace() for p in pieces)
+        tail = any(p.endswith(w) and w[0] == " " and not p[-len(w) - 1].isspace() for p in pieces)
+        if not (head or tail):
+            return False
+    return True
+
+
+WORDS = [
+    *USER1.split(),
+    "def",
+    "add(a,",
+    "b):\n",
+    "  ",
+    "\n\n",
+    "\t",
+    "héllo",
+    "中文",
+    "🙂",
+    "—",
+    "12345",
+]
+
+
+def sentencepiece_tokenizer(kind: str) -> PreTrainedTokenizerFast:
+    """Tokenizers that split words otherwise than byte-level BPE, trained here: Llama 2's (a "▁"
+    prepended to every text, spaces as "▁", BPE over the whole text with byte fallback) or a
+    SentencePiece unigram model behind a metaspace pre-tokenizer."""
+    rng = random.Random(0)
+    corpus = [" ".join(rng.choice(WORDS) for _ in range(50)) for _ in range(200)]
+    special = ["<unk>", "<s>", "</s>"]
+    if kind == "llama2":
+        tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        tok.decoder = decoders.Sequence(
+            [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+        )
+        trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=special)
+        corpus = [text.replace(" ", "▁") for text in corpus]
+    else:
+        tok = Tokenizer(models.Unigram())
+        tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+        trainer = trainers.UnigramTrainer(vocab_size=300, special_tokens=special, unk_token="<unk>")
+    tok.train_from_iterator(corpus, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.mark.parametrize("max_length", [8, 40, 300])
+def test_a_huge_piece_is_tokenized_by_windows_with_the_same_rows(tokenizer, max_length):
+    """Words (unicode, digits, punctuation, newlines, runs of spaces) in every position: the rows equal
+    full tokenization's, with every train_on, with and without a template, for byte-level BPE (Qwen's
+    fixture), Llama 2's tokenizer and a SentencePiece unigram model."""
+    rng = random.Random(max_length)
+    big = " ".join(rng.choice(WORDS) for _ in range(5000))
+    for tok, train_ons in (
+        (tokenizer, list(TrainOn)),
+        (sentencepiece_tokenizer("llama2"), [TrainOn.all_assistant]),
+        (sentencepiece_tokenizer("unigram"), [TrainOn.last_assistant]),
+    ):
+        for template in (None, QWEN2_5):
+            for train_on in train_ons:
+                windowed, whole, spy = encode_both(tok, template, max_length, big, train_on)
+                assert windowed == whole
+                assert all(truncated for _, _, truncated in windowed)
+                assert spy.longest < len(big) / 2  # the huge piece was never tokenized whole
+                encoder = Encoder(tok, max_length, template)
+                pieces = [t for c in huge_cases(big, template) for t, _ in encoder.pieces(*c) if big in t]
+                assert spy.windows and cut_at_word_ends(spy.windows, pieces)
+
+
+def test_a_huge_word_keeps_a_contiguous_window_of_its_text(tokenizer):
+    """Without spaces (a run of one character, as in the issue's 50 MB line, or random letters) a cut
+    word may be tokenized differently: BPE merges a run of one character from its left end, so where
+    its last tokens fall depends on its whole length. What holds: the same length and learned mask as
+    full tokenization's, the row's text is a contiguous span of the conversation, and the start of a
+    run of one character is exact."""
+    rng = random.Random(0)
+    for big in ("x" * 30000, "".join(rng.choice("abcdefghij") for _ in range(30000))):
+        for max_length in (8, 300):
+            windowed, whole, spy = encode_both(tokenizer, QWEN2_5, max_length, big, TrainOn.all)
+            assert spy.longest < len(big) / 2
+            for (roles, contents), (ids, labels, cut), (ids0, labels0, cut0) in zip(
+                huge_cases(big), windowed, whole, strict=True
+            ):
+                assert cut and cut0 and len(ids) == len(ids0) <= max_length
+                assert [x == IGNORE_INDEX for x in labels] == [x == IGNORE_INDEX for x in labels0]
+                messages = [dict(role=r, content=c) for r, c in zip(roles, contents, strict=True)]
+                rendered = big if roles == [TEXT] else tokenizer.apply_chat_template(messages, tokenize=False)
+                assert tokenizer.decode(ids) in rendered
+                if big[0] == "x" and roles[-1] == "assistant" and contents[-1] == big:  # the answer's start
+                    assert ids == ids0
+
+
+# `mtft` in a child process that prints its peak RSS growth once its modules are imported.
+PEAK_RSS = """import resource, sys
+import mtft.recipe.preview
+from mtft.cli import main
+start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+rc = main(sys.argv[1:])
+print("peak growth MB", (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - start) // 1024)
+sys.exit(rc)
+"""
+
+
+@pytest.mark.slow
+def test_a_20_mb_line_costs_memory_on_the_order_of_its_size(mtft_env, tmp_path):
+    """The issue's record (an answer of 20 MB without a space) through `mtft data preview` with the
+    default model: the peak RSS grows by a small multiple of the line (reading it through `datasets`
+    costs about 7x), not by the gigabytes of tokenizing it whole (1.5 GB with the former encoder)."""
+    size = 20_000_000
+    short = [{"prompt": f"question {i}", "response": f"answer {i}"} for i in range(20)]
+    data = write(tmp_path / "huge", [{"prompt": "hi", "response": "x" * size}, *short], "jsonl")
+    proc = subprocess.run(
+        [sys.executable, "-c", PEAK_RSS, "data", "preview", "data=files", f"+data.tasks.t.train=[{data}]",
+         f"+data.tasks.t.validation=[{write(tmp_path / 'val', short, 'jsonl')}]"],
+        env={**mtft_env, "MTFT_CACHE": str(tmp_path / "cache")}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "[[xxxx" in proc.stdout  # the answer's start, learned
+    growth = int(proc.stdout.split("peak growth MB")[-1])
+    assert growth < 15 * size / 2**20, proc.stdout
 
 
 # --- the real CLI ---------------------------------------------------------------------------------

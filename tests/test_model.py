@@ -1,8 +1,10 @@
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from mtft.data.mixture import Mixture
 from mtft.models.config import ModelConfig
 from mtft.models.loading import load_model, load_tokenizer, resolve_path
+from mtft.models.tiny import LONGEST_RUN, _short_runs, train_tokenizer
 
 from conftest import SMALL
 
@@ -41,6 +43,21 @@ def test_tiny_model_is_built_once_and_reloads_through_from_pretrained(tmp_path):
     torch.testing.assert_close(model(x).logits, hf_model(x).logits)
     assert hf_tok(text, add_special_tokens=False)["input_ids"] == ids
     assert (tmp_path / "models").stat().st_mtime_ns == stamp
+
+
+def test_a_huge_record_gives_the_tokenizer_corpus_a_bounded_share_in_short_runs():
+    """At most `max_chars` of a record reach the embedded tokenizer's corpus, and a run without spaces
+    reaches the BPE trainer in pieces (its merges are quadratic in a word's length: 300,000 x's took
+    over 100 s whole); text without such runs is given as it is, so its tokenizer is unchanged."""
+    mixture = Mixture.from_records({"t": [{"text": "x" * 50_000}, {"text": "more"}]}, {"t": [{"text": "v"}]})
+    assert mixture.corpus(20_000) == ["x" * 20_000]
+    n = LONGEST_RUN
+    assert list(_short_runs(["a b\n", "y" + " " * (n + 1) + "x" * (2 * n + 500) + " z"])) == [
+        *["a b\n", "y", " " * n, " ", ""],
+        *["x" * n, "x" * n, "x" * 500, " z"],
+    ]
+    tokenizer = train_tokenizer(["x" * 300_000 + " hello"] + CORPUS, 300)
+    assert tokenizer.decode(tokenizer("x" * 5000 + " hello")["input_ids"]) == "x" * 5000 + " hello"
 
 
 def test_model_dtype_is_configurable(tmp_path):

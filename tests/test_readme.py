@@ -243,6 +243,7 @@ REFUSED = {
 # What an override needs beside it to compose: its section's config group, or a task to read.
 CONTEXT = {
     "+balancer.min_losses.": ["balancer=famo"],
+    "balancer.post_step_loss=": ["balancer=famo"],
     "+deepspeed.extra=": ["deepspeed=zero2"],
     "peft.": ["peft=lora"],
     "trainer.pure_bf16=": ["trainer.precision=bf16"],

@@ -186,9 +186,10 @@ def test_sigterm_during_the_final_save_finishes_it_and_exits_resumable(
 
 
 @pytest.mark.slow
-def test_resumed_tensorboard_run_holds_each_step_once(run_mtft, tmp_path):
-    """A TensorBoard run cut back to its step-2 checkpoint and resumed: every scalar series has each
-    step once, with the values of the uninterrupted run (the replayed steps 3-6 are purged)."""
+def test_resumed_tensorboard_run_and_samples_hold_each_step_once(run_mtft, tmp_path):
+    """A TensorBoard run with in-training samples, cut back to its step-2 checkpoint and resumed:
+    every scalar series has each step once, with the values of the uninterrupted run (the replayed
+    steps 3-6 are purged), and samples.jsonl is the uninterrupted run's, byte for byte."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -196,7 +197,8 @@ def test_resumed_tensorboard_run_holds_each_step_once(run_mtft, tmp_path):
         events.Reload()
         return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
-    args = ["train", *BALANCERS["uniform"], *ARGS, "logger=tensorboard"]
+    args = ["train", *BALANCERS["uniform"], *ARGS, "logger=tensorboard", "trainer.sample_interval=2"]
+    args.append("eval.sample_prompts=1")
     full = tmp_path / "full"
     run_mtft(*args, f"hydra.run.dir={full}")
     resumed = tmp_path / "resumed"
@@ -209,6 +211,9 @@ def test_resumed_tensorboard_run_holds_each_step_once(run_mtft, tmp_path):
         assert steps == sorted(set(steps)), tag
         if tag != "train/tokens_per_s":  # timing differs between runs
             assert series == theirs[tag], tag
+    samples = (resumed / "samples.jsonl").read_text()
+    assert samples == (full / "samples.jsonl").read_text()
+    assert [json.loads(line)["step"] for line in samples.splitlines()][::4] == [2, 4, 6]
 
 
 def test_resume_path_that_is_not_a_checkpoint(run_mtft, tmp_path):

@@ -69,12 +69,13 @@ class Mixture:
         return cls(list(train), splits[0], splits[1], fingerprints)
 
     def corpus(self, max_chars: int) -> list[str]:
-        """Training text, interleaved over tasks, for fitting a tokenizer."""
+        """Training text, interleaved over tasks, for fitting a tokenizer: about `max_chars` characters
+        (at most twice that, as a record gives at most `max_chars`, however huge it is)."""
         texts, total = [], 0
         for i in range(max(len(v) for v in self.train.values())):
             for task in self.tasks:
                 if i < len(self.train[task]):
-                    texts.append("".join(self.train[task][i]["contents"]))
+                    texts.append("".join(self.train[task][i]["contents"])[:max_chars])
                     total += len(texts[-1])
                     if total >= max_chars:
                         return texts

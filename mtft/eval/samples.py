@@ -3,16 +3,13 @@ what the model produces can be watched as it trains (console, samples.jsonl, W&B
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from pathlib import Path
 
 import torch
 
 from mtft.core.dist import rank
-from mtft.core.rundir import SAMPLES
 from mtft.data.encode import Encoder
 from mtft.eval.generate import conversation_prompts, generate
 from mtft.loggers.base import Row, Tracker
@@ -31,12 +28,10 @@ class TrainingSamples:
         data: Data,
         module: torch.nn.Module,
         tracker: Tracker,
-        run_dir: Path,
         autocast: Callable[[], AbstractContextManager],
     ) -> None:
         assert cfg.trainer.sample_interval is not None and data.conversations is not None
         self.cfg, self.data, self.module, self.tracker, self.autocast = cfg, data, module, tracker, autocast
-        self.path = run_dir / SAMPLES
         encoder = Encoder(data.tokenizer, cfg.data.max_length, data.template)
         k = cfg.eval.sample_prompts
         self.prompts = {
@@ -62,8 +57,6 @@ class TrainingSamples:
                         "prediction": answer,
                     }
                 )
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
         shown = "\n".join(f"  {r['task']}: {r['prediction'][:120]!r}" for r in rows)
         log.info("step %d samples:\n%s", step, shown)
         self.tracker.log_samples(step, rows)

@@ -1,4 +1,5 @@
-"""metrics.jsonl: the one sink every run writes (the run-directory contract's metrics file)."""
+"""metrics.jsonl: the one sink every run writes (the run-directory contract's metrics file), and
+samples.jsonl, the in-training samples (`trainer.sample_interval`), kept the same way."""
 
 from __future__ import annotations
 
@@ -26,6 +27,9 @@ class JsonlSink:
         self._restored_offset: int | None = None
 
     def write(self, rows: list[Row]) -> None:
+        self._append(rows)
+
+    def _append(self, rows: list[Row]) -> None:
         if self._fh is None:
             self._fh = self.path.open("w" if self._restored_offset is None else "a", encoding="utf-8")
         for row in rows:
@@ -53,3 +57,14 @@ class JsonlSink:
     def close(self) -> None:
         if self._fh is not None:
             self._fh.close()
+
+
+class SamplesSink(JsonlSink):
+    """samples.jsonl: one row per generated sample (step, task, prompt, reference, prediction), rewound
+    on resume exactly as metrics.jsonl is, so the steps a resumed run replays are written once."""
+
+    def write(self, rows: list[Row]) -> None:
+        """Metrics rows go to metrics.jsonl, not here."""
+
+    def write_samples(self, step: int, samples: list[Row]) -> None:
+        self._append(samples)

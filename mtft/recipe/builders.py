@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerBase
 from mtft.balancers import Balancer
 from mtft.core.dist import rank, world_size
 from mtft.core.errors import MtftError
-from mtft.core.rundir import METRICS, rank_metrics
+from mtft.core.rundir import METRICS, SAMPLES, rank_metrics
 from mtft.data.collator import TaskCollator
 from mtft.data.mixture import Mixture, TokenizedMixture, build_mixture, tokenize_mixture
 from mtft.data.packing import PackedCollator
@@ -31,7 +31,7 @@ from mtft.engine.loop import Trainer
 from mtft.loggers.base import Sink, Tracker
 from mtft.loggers.console import ConsoleSink
 from mtft.loggers.context import run_context
-from mtft.loggers.jsonl import JsonlSink
+from mtft.loggers.jsonl import JsonlSink, SamplesSink
 from mtft.models.adapters import apply_peft
 from mtft.models.config import PromptFormat
 from mtft.models.loading import load_model, load_tokenizer, resolve_path
@@ -153,6 +153,8 @@ def build_sinks(cfg: TrainConfig, run_dir: Path, tasks: list[str]) -> list[Sink]
         JsonlSink(run_dir / METRICS),
         ConsoleSink(tasks, cfg.trainer.max_steps, cfg.logger.progress),
     ]
+    if cfg.trainer.sample_interval is not None:
+        sinks.append(SamplesSink(run_dir / SAMPLES))
     wandb_cfg, tensorboard_cfg = cfg.logger.wandb, cfg.logger.tensorboard
     if not (wandb_cfg.enabled or tensorboard_cfg.enabled):
         return sinks

@@ -66,7 +66,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume_from: Path | None) -> Summary:
     if cfg.trainer.sample_interval is not None:
         from mtft.eval.samples import TrainingSamples
 
-        on_step = TrainingSamples(cfg, data, backend.module, tracker, run_dir, backend.autocast)
+        on_step = TrainingSamples(cfg, data, backend.module, tracker, backend.autocast)
     trainer = build_trainer(cfg, backend, data, sampler, balancer, tracker, run_dir, on_step)
     try:
         result = trainer.fit(resume_from)
