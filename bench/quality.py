@@ -73,6 +73,8 @@ class Scenario:
     data: str
     focus: str  # the task the claim is about
     claim: str
+    steps: int  # optimizer steps per run: long enough for the effect the claim is about to appear
+    overrides: tuple[str, ...] = ()  # trainer settings every run of the scenario takes
     # Extra sweeps beside the four balancers: (name, balancer option, overrides).
     variants: tuple[tuple[str, str, tuple[str, ...]], ...] = ()
 
@@ -82,6 +84,9 @@ SCENARIOS = (
         "codetasks_skewed",
         "function_naming",
         "CoBa: the small task's rise from its best shrinks, the mean final loss is no worse",
+        400,
+        # A constant learning rate: under a cosine decay the small task's rise fades as the rate does.
+        ("trainer.scheduler=constant_with_warmup",),
         (
             ("famo_next_batch", "famo", ("balancer.post_step_loss=next_batch",)),
             ("coba_reference", "coba_reference", ()),
@@ -91,6 +96,7 @@ SCENARIOS = (
         "codetasks_scaled",
         "returns_value",
         "FAMO: every task's log-loss falls at a similar rate; GradNorm: training rates equalize",
+        150,
     ),
 )
 BALANCERS = "uniform,coba,famo,gradnorm"
@@ -103,14 +109,14 @@ EVAL_AT_END = ("trainer.eval_at_end=true", f"eval.max_samples={EVAL_SAMPLES}")
 SCENARIO_BATCH = 8
 
 
-def scenario(
-    out_dir: Path, sc: Scenario, seeds: Sequence[int], steps: int, eval_interval: int, jobs: int
-) -> str:
+def scenario(out_dir: Path, sc: Scenario, seeds: Sequence[int], eval_interval: int, jobs: int) -> str:
     """Every balancer (and variant) on one scenario, then one `mtft report` over all of them."""
-    extra = [f"data={sc.data}", f"trainer.batch_size={SCENARIO_BATCH}", *EVAL_AT_END]
-    dirs = [sweep(out_dir / "main", seeds, steps, eval_interval, jobs, extra, BALANCERS)]
+    extra = [f"data={sc.data}", f"trainer.batch_size={SCENARIO_BATCH}", *sc.overrides, *EVAL_AT_END]
+    dirs = [sweep(out_dir / "main", seeds, sc.steps, eval_interval, jobs, extra, BALANCERS)]
     for name, balancer, overrides in sc.variants:
-        dirs.append(sweep(out_dir / name, seeds, steps, eval_interval, jobs, [*extra, *overrides], balancer))
+        dirs.append(
+            sweep(out_dir / name, seeds, sc.steps, eval_interval, jobs, [*extra, *overrides], balancer)
+        )
     return report(*dirs, out=out_dir / "report")
 
 

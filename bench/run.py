@@ -52,7 +52,7 @@ class Mode:
     jobs: int = 2
     data_n: int = 0  # generated conversations for the data pipeline measurement (0: skip)
     gen: tuple[int, int, int] = (0, 0, 0)  # generation throughput: prompts, new tokens, repetitions (0: skip)
-    s_steps: int = 0  # steps per run of the embedded scenarios' sweeps (0: skip)
+    scenarios: bool = False  # the embedded scenarios' sweeps (each at its own budget, quality.SCENARIOS)
     s_eval_interval: int = 25
 
 
@@ -80,7 +80,7 @@ MODES = {
         True,
         data_n=200_000,
         gen=(64, 64, 3),
-        s_steps=150,
+        scenarios=True,
     ),
     # for tests/test_bench.py: a couple of steps of everything, the sweep left out
     "smoke": Mode(1, 3, 1, (2,), 1, 9, 1, (), 0, (), 0, 0, False),
@@ -93,7 +93,7 @@ PARTS = ("throughput", "data", "generation", "overhead", "quality", "scenarios")
 def enabled(mode: Mode) -> tuple[str, ...]:
     """The parts `mode` runs (a size of 0 leaves a part out)."""
     off = {"data": not mode.data_n, "generation": not mode.gen[0], "quality": not mode.q_seeds}
-    off["scenarios"] = not mode.s_steps
+    off["scenarios"] = not mode.scenarios
     return tuple(p for p in PARTS if not off.get(p, False))
 
 
@@ -193,16 +193,18 @@ def _quality(mode: Mode, out_dir: Path, log: Callable[[str], None]) -> dict[str,
 
 def run_scenarios(mode: Mode, out_dir: Path, log: Callable[[str], None]) -> dict[str, Any]:
     """Every balancer on every embedded scenario, each scenario compared by one `mtft report`."""
-    out: dict[str, Any] = {"steps": mode.s_steps, "seeds": list(mode.q_seeds), "by_data": {}}
+    out: dict[str, Any] = {"seeds": list(mode.q_seeds), "by_data": {}}
     for sc in quality.SCENARIOS:
         t0 = time.perf_counter()
-        log(f"scenario {sc.data}: 4 balancers x seeds {mode.q_seeds}, {mode.s_steps} steps each")
+        log(f"scenario {sc.data}: 4 balancers x seeds {mode.q_seeds}, {sc.steps} steps each")
         sc_dir = out_dir / sc.data
         shutil.rmtree(sc_dir, ignore_errors=True)
-        report_md = quality.scenario(sc_dir, sc, mode.q_seeds, mode.s_steps, mode.s_eval_interval, mode.jobs)
+        report_md = quality.scenario(sc_dir, sc, mode.q_seeds, mode.s_eval_interval, mode.jobs)
         report = build_report([d for d in sorted(sc_dir.iterdir()) if d.is_dir() and d.name != "report"])
         out["by_data"][sc.data] = {
             "report_md": report_md,
+            "steps": sc.steps,
+            "overrides": list(sc.overrides),
             "dir": str(sc_dir.relative_to(ROOT)) if sc_dir.is_relative_to(ROOT) else str(sc_dir),
             "wall_s": time.perf_counter() - t0,
             "stats": {  # what the targets table judges the scenario's claim by
@@ -482,11 +484,12 @@ def render_scenarios(results: dict[str, Any]) -> str:
     for name, r in scenarios["by_data"].items():
         sc = by_data[name]
         body = r["report_md"].split("## Validation loss per task")[0].replace("# mtft report", "").strip()
+        settings = "".join(f" with `{o}`" for o in r.get("overrides", []))
         parts += [
             f"### `data={name}`",
             "",
             f"Claim under test: {sc.claim} (task of interest: `{sc.focus}`). Budget: "
-            f"{scenarios['steps']} steps x {quality.SCENARIO_BATCH} sequences per run, seeds "
+            f"{r['steps']} steps x {quality.SCENARIO_BATCH} sequences per run{settings}, seeds "
             f"{', '.join(map(str, r.get('seeds', scenarios['seeds'])))}; {r['wall_s'] / 60:.1f} minutes. "
             f"`mtft report {r['dir']}/*` printed:",
             "",

@@ -133,10 +133,15 @@ def test_a_partial_run_keeps_the_blocks_it_lacks_and_judges_the_skewed_scenario(
         return {"rise": rise, "mean_final": mean, "weight_sd": 0.05, "n": 3}
 
     skewed = {"stats": {"uniform": stats(0.04, 5.2), "coba": stats(0.015, 5.19)}, "report_md": "", "dir": "d"}
-    scenarios = {"steps": 150, "seeds": [1, 2, 3], "by_data": {"codetasks_skewed": {**skewed, "wall_s": 60}}}
+    skewed |= {"steps": 400, "overrides": ["trainer.scheduler=constant_with_warmup"]}
+    scenarios = {"seeds": [1, 2, 3], "by_data": {"codetasks_skewed": {**skewed, "wall_s": 60}}}
     blocks = run.render(_results("full", scenarios={**scenarios, **META}))
     assert not {"throughput", "overhead", "quality", "data", "generation"} & set(blocks)  # kept as they are
-    assert "| scenarios | now |" in blocks["run"]
+    assert (
+        "| scenarios | now |" in blocks["run"]
+        and "Budget: 400 steps x 8 sequences per run with `trainer.scheduler=constant_with_warmup`, seeds 1, 2, 3"
+        in blocks["scenarios"]
+    )
     row = blocks["targets"].splitlines()[-1]
     assert "`data=codetasks_skewed`" in row and "+1.5% vs +4.0%" in row and row.endswith("| met |")
     skewed["stats"]["coba"] = stats(0.025, 5.19)  # more than half of uniform's rise
