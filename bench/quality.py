@@ -90,6 +90,7 @@ SCENARIOS = (
         (
             ("famo_next_batch", "famo", ("balancer.post_step_loss=next_batch",)),
             ("coba_reference", "coba_reference", ()),
+            ("coba_probe64", "coba", ("balancer.probe_rows=64",)),
         ),
     ),
     Scenario(
