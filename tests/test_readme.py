@@ -244,6 +244,7 @@ REFUSED = {
 CONTEXT = {
     "+balancer.min_losses.": ["balancer=famo"],
     "balancer.post_step_loss=": ["balancer=famo"],
+    "balancer.probe_rows=": ["balancer=coba"],
     "+deepspeed.extra=": ["deepspeed=zero2"],
     "peft.": ["peft=lora"],
     "trainer.pure_bf16=": ["trainer.precision=bf16"],
