@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import os
 import re
 import shutil
@@ -212,13 +213,18 @@ def run_scenarios(mode: Mode, out_dir: Path, log: Callable[[str], None]) -> dict
                 res.name: {
                     "rise": res.rise[sc.focus].mean,
                     "mean_final": res.mean_final.mean,
-                    "weight_sd": res.weight_sd[sc.focus].mean,
+                    "weight_sd": _finite(res.weight_sd[sc.focus].mean),  # None: fixed weights
                     "n": res.mean_final.n,
                 }
                 for res in report.results
             },
         }
     return out
+
+
+def _finite(x: float) -> float | None:
+    """`x`, or None where it is NaN/inf (results.json stays strict JSON)."""
+    return x if math.isfinite(x) else None
 
 
 def _run_row(s: dict[str, Any]) -> dict[str, Any]:

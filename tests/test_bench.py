@@ -6,6 +6,7 @@ throughput comparison trains on the same batches, and that BENCHMARKS.md blocks 
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -149,3 +150,13 @@ def test_a_partial_run_keeps_the_blocks_it_lacks_and_judges_the_skewed_scenario(
     skewed["stats"]["coba (probe_rows=64)"] = stats(0.015, 5.19)
     assert run.render_targets(_results("full", scenarios=scenarios)).endswith("| **missed** |")
     assert run.render(_results("smoke"))["quality"] == "(not run in this mode)"
+
+
+def test_the_committed_results_are_strict_json_and_benchmarks_md_shows_them():
+    """BENCHMARKS.md's tables are what `--render-only` makes of the committed full run, so neither is
+    edited without the other."""
+    path = ROOT / "bench" / "results" / "full" / "results.json"
+    results = json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in {path}"))
+    text = (ROOT / "BENCHMARKS.md").read_text(encoding="utf-8")
+    for name, body in run.render(results).items():
+        assert f"<!-- bench:{name} -->\n{body}\n<!-- /bench:{name} -->" in text, name
