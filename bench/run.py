@@ -495,7 +495,7 @@ def render_scenarios(results: dict[str, Any]) -> str:
     for name, r in scenarios["by_data"].items():
         sc = by_data[name]
         body = r["report_md"].split("## Validation loss per task")[0].replace("# mtft report", "").strip()
-        settings = "".join(f" with `{o}`" for o in r.get("overrides", []))
+        settings = "".join(f" with `{o}`" for o in r["overrides"])
         parts += [
             f"### `data={name}`",
             "",
