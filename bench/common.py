@@ -25,16 +25,17 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from transformers import PreTrainedTokenizerBase
 
+from mtft.data.batching import Batching
 from mtft.data.collator import TaskCollator
 from mtft.data.mixture import TokenizedMixture
 from mtft.data.packing import PackedCollator
+from mtft.data.prepared import Data
 from mtft.data.sampler import MixtureSampler, sequence_lengths
 from mtft.loggers.base import Row
 from mtft.recipe.builders import (
-    Data,
     build_backend,
     build_balancer,
-    build_collator,
+    build_batching,
     build_data,
     build_model,
     build_sampler,
@@ -98,10 +99,11 @@ class Setup:
     ) -> MixtureSampler:
         """The run's sampler; `task_ids` relabels the same examples (the synthetic T-task splits)."""
         ids = self.data.train_task_ids if task_ids is None else list(task_ids)
-        return build_sampler(self.config(batch_size, group_by_length, packing), ids, self.lengths)
+        cfg = self.config(batch_size, group_by_length, packing)
+        return build_sampler(cfg, Batching(cfg.data, self.pad_token_id), ids, self.lengths)
 
     def collator(self, packing: bool = False) -> TaskCollator | PackedCollator:
-        return build_collator(self.config(packing=packing), self.pad_token_id)
+        return Batching(self.config(packing=packing).data, self.pad_token_id).collate
 
     def step_tokens(self, steps: int, group_by_length: bool = False, packing: bool = False) -> list[int]:
         """Non-padding tokens of each of the first `steps` batches (the same batches every side trains on)."""
@@ -194,14 +196,16 @@ def run_mtft(
     if balancer_overrides:
         cfg.balancer = compose_config(list(balancer_overrides)).balancer
     balancer = build_balancer(cfg.balancer, data.tasks)
-    sampler = build_sampler(cfg, data.train_task_ids, setup.lengths)
+    model = setup.model()
+    batching = build_batching(cfg, setup.pad_token_id, model)
+    sampler = build_sampler(cfg, batching, data.train_task_ids, setup.lengths)
     timing = TimingSink()
     with tempfile.TemporaryDirectory(prefix="mtft-bench-") as tmp:
         run_dir = Path(tmp)
         tracker = build_tracker(cfg, run_dir, data.tasks, extra=[timing])
-        backend = build_backend(cfg, setup.model(), torch.device("cpu"))
+        backend = build_backend(cfg, model, torch.device("cpu"))
         built = Data(data, setup.tokenizer, setup.model_path)
-        trainer = build_trainer(cfg, backend, built, sampler, balancer, tracker, run_dir)
+        trainer = build_trainer(cfg, backend, built, batching, sampler, balancer, tracker, run_dir)
         try:
             trainer.fit()
         finally:

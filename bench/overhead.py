@@ -13,7 +13,6 @@ Peak RSS is process-wide, so it is measured in a fresh subprocess per balancer.
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -27,8 +26,10 @@ import torch
 
 from bench.common import ROOT, Setup, median, quiet, run_mtft
 from mtft.balancers.coba import CobaBalancerConfig
+from mtft.data.batch import Batch
 from mtft.data.mixture import TokenizedMixture
 from mtft.engine.forward import task_token_loss
+from mtft.engine.memory import peak_rss_mb
 
 BALANCERS = ("uniform", "coba", "famo", "gradnorm")
 
@@ -136,12 +137,12 @@ def run_lean(setup: Setup, reps: int, batches: int) -> dict[str, float]:
         fn()
         return time.perf_counter() - t0
 
-    def train(batch: dict[str, torch.Tensor], lean: bool) -> None:
+    def train(batch: Batch, lean: bool) -> None:
         sums, counts = task_token_loss(model, batch, T, lean=lean)
         (sums.sum() / counts.sum()).backward()
         model.zero_grad(set_to_none=True)
 
-    def probe(batch: dict[str, torch.Tensor], lean: bool) -> None:
+    def probe(batch: Batch, lean: bool) -> None:
         with torch.no_grad():
             task_token_loss(model, batch, T, lean=lean)
 
@@ -229,7 +230,7 @@ def _rss_child(name: str, num_tasks: int, steps: int, warmup: int) -> None:
     print(
         json.dumps(
             {
-                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "peak_rss_mb": peak_rss_mb(),
                 "train_peak_rss_mb": train_peak,
                 "rss_before_mb": before,
             }

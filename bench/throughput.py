@@ -21,7 +21,8 @@ from transformers import PrinterCallback, TrainerCallback, TrainingArguments
 from transformers import Trainer as HFTrainer
 
 from bench.common import Setup, Timing, median, run_mtft
-from mtft.data.collator import IGNORE_INDEX, count_tokens, model_inputs
+from mtft.data.batch import Batch
+from mtft.data.collator import IGNORE_INDEX
 from mtft.data.packing import PackedRows
 from mtft.engine.backend import build_optimizer, build_scheduler
 
@@ -45,8 +46,7 @@ def _loader(setup: Setup, with_task_ids: bool, packing: bool = False) -> DataLoa
 
     def plain(rows: list[dict]) -> dict[str, torch.Tensor]:
         batch = collate(rows)
-        batch.pop("task_ids")
-        return batch
+        return {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch) if f.name != "task_ids"}
 
     dataset = PackedRows(setup.data.train) if packing else setup.data.train
     return DataLoader(
@@ -66,14 +66,14 @@ def run_bare(setup: Setup, steps: int, warmup: int, packing: bool = False) -> Ti
     cfg = setup.cfg.trainer
     model = setup.model()
     optimizer, scheduler = _optimizer_and_schedule(model, setup, steps)
-    batches: Iterator[dict[str, torch.Tensor]] = iter(_loader(setup, with_task_ids=True, packing=packing))
+    batches: Iterator[Batch] = iter(_loader(setup, with_task_ids=True, packing=packing))
     model.train()
     stamps, tokens = [], []
     for _ in range(steps):
         batch = next(batches)
-        logits = model(**model_inputs(batch)).logits
+        logits = model(**batch.model_inputs()).logits
         loss = F.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE_INDEX
+            logits[:, :-1].flatten(0, 1).float(), batch.labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
         )
         loss.backward()
         if cfg.max_grad_norm:
@@ -82,7 +82,7 @@ def run_bare(setup: Setup, steps: int, warmup: int, packing: bool = False) -> Ti
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         stamps.append(time.perf_counter())
-        tokens.append(int(count_tokens(batch)))
+        tokens.append(int(batch.num_tokens()))
     return Timing(stamps, tokens, warmup)
 
 

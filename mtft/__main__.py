@@ -2,6 +2,6 @@
 
 import sys
 
-from mtft.cli import main
+from mtft.commands.cli import main
 
 sys.exit(main())

@@ -14,6 +14,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from mtft.data.mixture import Mixture, conversations
+from mtft.data.sources import fingerprint
 from mtft.models.config import TinyModelConfig
 from mtft.recipe.config import TrainConfig, conf_dir, register_configs, to_typed
 
@@ -163,3 +165,29 @@ def read_wandb_records(path: Path) -> list:
             records.append(record)
             pending = b""
     return records
+
+
+def mixture_from_records(train: dict[str, list[dict]], validation: dict[str, list[dict]]) -> Mixture:
+    """A mixture of in-memory records (any format), fingerprinted by content, as files would give."""
+    splits = [{t: conversations(records) for t, records in split.items()} for split in (train, validation)]
+    fingerprints = {t: fingerprint(list(splits[0][t]["key"]), list(splits[1][t]["key"])) for t in train}
+    return Mixture(list(train), splits[0], splits[1], fingerprints)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory: pytest.TempPathFactory):
+    """A real SLURM cluster on this host for the session (tests/cluster/slurm.py: munged, slurmctld,
+    slurmd n1 and n2, partition debug), stopped at the end; skips, with the reason, without SLURM."""
+    import tempfile
+
+    from cluster import slurm
+
+    reason = slurm.skip_reason()
+    if reason:
+        pytest.skip(reason)
+    root = tmp_path_factory.mktemp("slurm")
+    if len(str(root)) > slurm.MAX_ROOT_LEN:  # a long --basetemp: UNIX sockets need a short path
+        root = Path(tempfile.mkdtemp(prefix="mtft-slurm-"))
+    cluster = slurm.start(root)
+    yield cluster
+    cluster.stop()

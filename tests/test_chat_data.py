@@ -469,8 +469,8 @@ def test_a_huge_word_keeps_a_contiguous_window_of_its_text(tokenizer):
 
 # `mtft` in a child process that prints its peak RSS growth once its modules are imported.
 PEAK_RSS = """import resource, sys
-import mtft.recipe.preview
-from mtft.cli import main
+import mtft.commands.preview
+from mtft.commands.cli import main
 start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 rc = main(sys.argv[1:])
 print("peak growth MB", (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - start) // 1024)

@@ -15,6 +15,8 @@ from omegaconf import OmegaConf
 from mtft.balancers.coba import CoBa, CobaBalancerConfig, least_squares_slope
 from mtft.core.errors import MtftError
 
+VAL_ROWS = [list(range(30)), list(range(30, 50))]  # two tasks' validation rows
+
 
 def feed(balancer: CoBa, curves: np.ndarray, steps: list[int] | None = None, absent=None) -> list[np.ndarray]:
     """curves: (steps + 1, T) losses, row 0 being L(0). Returns the weights after each probe."""
@@ -117,7 +119,11 @@ def test_slopes_inside_the_balancer_fit_the_last_window_of_probes():
     v = curves[1:] / curves[0]
     x = np.asarray(steps[-12:], dtype=np.float64)
     np.testing.assert_allclose(slopes, [np.polyfit(x, v[-12:, i], 1)[0] for i in range(3)], rtol=1e-9)
-    assert b.val_interval == 3 and b.val_batches == 1
+    assert [t for t in range(1, 10) if b.probe_rows(t, VAL_ROWS, 4, torch.Generator()) is not None] == [
+        3,
+        6,
+        9,
+    ]
 
 
 # -- the weights -----------------------------------------------------------------------------------
@@ -344,7 +350,11 @@ def test_built_from_the_config_schema_like_the_trainer_does():
     b = instantiate(cfg, tasks=["a", "b"])
     assert isinstance(b, CoBa)
     assert (b.warmup_steps, b.history_length, b.tau) == (7, 7, 5.0)  # the window spans 2x warm-up
-    assert (b.val_interval, b.val_batches, b.probe_rows_per_task) == (2, 1, 16)
+    probe = b.probe_rows(2, VAL_ROWS, 4, torch.Generator())
+    assert (
+        probe == VAL_ROWS[0][-16:] + VAL_ROWS[1][-16:]
+        and b.probe_rows(3, VAL_ROWS, 4, torch.Generator()) is None
+    )
     assert b.weights().tolist() == [0.5, 0.5]
     assert b.recompute_after_step is False
 
@@ -384,7 +394,10 @@ def test_reference_mode_samples_as_mftcoder_does(run_mtft):
     proc = run_mtft("train", "balancer=coba_reference", "--cfg", "job")
     cfg = OmegaConf.create(proc.stdout).balancer
     b = instantiate(cfg, tasks=["a", "b"])
-    assert (cfg.name, b.val_interval, b.val_batches, b.probe_rows_per_task) == ("coba_reference", 1, 1, 0)
+    assert cfg.name == "coba_reference"
+    # every step, one random mixed micro-batch drawn from the whole validation set
+    draw = [b.probe_rows(step, VAL_ROWS, 4, torch.Generator().manual_seed(0)) for step in (1, 2)]
+    assert draw[0] == draw[1] == torch.randint(50, (4,), generator=torch.Generator().manual_seed(0)).tolist()
     assert b.config.divergence == "max_curve" and not b.config.cap_divergence
     b.plan(5000)
     assert (b.warmup_steps, b.history_length) == (100, 200)

@@ -108,7 +108,7 @@ def test_bad_values_are_refused_naming_the_key(overrides, message):
     ],
 )
 def test_bad_types_and_choices_are_refused_by_composition(override):
-    from mtft.cli import config_error_message
+    from mtft.core.errors import config_error_message
 
     with pytest.raises(Exception) as e:
         typed(override)

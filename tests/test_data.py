@@ -10,7 +10,7 @@ from mtft.core.errors import MtftError
 from mtft.data import codetasks
 from mtft.data.config import DataConfig, TaskConfig
 from mtft.data.mixture import build_mixture
-from mtft.data.sampler import MixtureSampler, sequence_lengths, task_probabilities
+from mtft.data.sampler import BatchMode, MixtureSampler, sequence_lengths, task_probabilities
 
 
 def write_jsonl(path: Path, records: list) -> Path:
@@ -218,7 +218,7 @@ def test_group_by_length_keeps_epochs_ranks_and_cuts_padding():
     task_ids = [0] * 300 + [1] * 120 + [2] * 57  # 477 examples: epochs do not end on a batch boundary
     lengths = torch.randint(4, 200, (len(task_ids),), generator=g).tolist()
     kw = dict(batch_size=4, seed=5, world_size=2, lengths=lengths, group_batches=8)
-    grouped = [iter(MixtureSampler(task_ids, rank=r, group_by_length=True, **kw)) for r in range(2)]
+    grouped = [iter(MixtureSampler(task_ids, rank=r, mode=BatchMode.grouped, **kw)) for r in range(2)]
     plain = [iter(MixtureSampler(task_ids, rank=r, **kw)) for r in range(2)]
     n_steps = 3 * len(task_ids) // 8 + 1  # three epochs and a bit
     g_batches = [[next(it) for _ in range(n_steps)] for it in grouped]
@@ -243,7 +243,7 @@ def test_group_by_length_is_seeded_and_resumes_exactly():
     task_ids = [0] * 90 + [1] * 41
     lengths = [(i * 37) % 101 + 1 for i in range(len(task_ids))]
     for rule in ("proportional", "uniform"):
-        kw = dict(batch_size=5, rule=rule, lengths=lengths, group_by_length=True, group_batches=4)
+        kw = dict(batch_size=5, rule=rule, lengths=lengths, mode=BatchMode.grouped, group_batches=4)
         a = MixtureSampler(task_ids, seed=1, **kw)
         it = iter(a)
         first = [next(it) for _ in range(17)]
@@ -264,7 +264,7 @@ def test_group_by_length_is_seeded_and_resumes_exactly():
 
 def test_group_by_length_needs_lengths_and_sequence_lengths_reads_arrow():
     with pytest.raises(MtftError, match="group_by_length needs the length"):
-        MixtureSampler([0, 1], batch_size=1, group_by_length=True)
+        MixtureSampler([0, 1], batch_size=1, mode=BatchMode.grouped)
     with pytest.raises(MtftError, match="got 1 lengths for 2 examples"):
         MixtureSampler([0, 1], batch_size=1, lengths=[3])
     rows = {"input_ids": [[1, 2, 3], [4], [5, 6]], "labels": [[1, 2, 3], [4], [5, 6]], "task_id": [0, 1, 0]}

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from mtft.core.errors import MtftError
 from mtft.engine.config import DeepSpeedConfig, TrainerConfig
-from mtft.engine.deepspeed_config import deepspeed_config
+from mtft.engine.deepspeed_json import deepspeed_json
 
 from conftest import read_metrics, read_untimed_metrics, read_wandb_records
 
@@ -217,7 +217,7 @@ def test_gradnorm_with_deepspeed_is_refused(run_mtft, tmp_path: Path) -> None:
 
 def test_deepspeed_json_takes_the_trainer_values(tmp_path: Path) -> None:
     trainer = TrainerConfig(batch_size=8, grad_accum=4, max_grad_norm=0.5, precision="bf16")
-    ds = deepspeed_config(DeepSpeedConfig(stage=3, offload_optimizer=True, offload_param=True), trainer)
+    ds = deepspeed_json(DeepSpeedConfig(stage=3, offload_optimizer=True, offload_param=True), trainer)
     assert ds["train_micro_batch_size_per_gpu"] == 8 and ds["gradient_accumulation_steps"] == 4
     assert ds["gradient_clipping"] == 0.5 and ds["bf16"] == {"enabled": True}
     zero = ds["zero_optimization"]
@@ -226,18 +226,18 @@ def test_deepspeed_json_takes_the_trainer_values(tmp_path: Path) -> None:
 
     own = tmp_path / "ds.json"
     own.write_text(json.dumps({"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 1}}))
-    ds = deepspeed_config(
+    ds = deepspeed_json(
         DeepSpeedConfig(config_file=str(own), extra={"zero_optimization": {"a": 1}}), trainer
     )
     assert ds["train_micro_batch_size_per_gpu"] == 8 and ds["zero_optimization"] == {"stage": 1, "a": 1}
 
     own.write_text(json.dumps({"gradient_accumulation_steps": 2}))
     with pytest.raises(MtftError, match=r"gradient_accumulation_steps=2 but the trainer config says 4"):
-        deepspeed_config(DeepSpeedConfig(config_file=str(own)), trainer)
+        deepspeed_json(DeepSpeedConfig(config_file=str(own)), trainer)
     with pytest.raises(MtftError, match="no such file"):
-        deepspeed_config(DeepSpeedConfig(config_file=str(tmp_path / "missing.json")), trainer)
+        deepspeed_json(DeepSpeedConfig(config_file=str(tmp_path / "missing.json")), trainer)
     with pytest.raises(MtftError, match="offload_param needs deepspeed.stage=3"):
-        deepspeed_config(DeepSpeedConfig(stage=2, offload_param=True), trainer)
+        deepspeed_json(DeepSpeedConfig(stage=2, offload_param=True), trainer)
 
 
 def test_slurm_launcher_composes(run_mtft) -> None:
@@ -322,7 +322,7 @@ def test_sigterm_to_a_multiprocess_job_checkpoints_and_exits_resumable(mtft_env,
     assert proc.returncode == 75, err[-3000:]
     (checkpoint,) = (run_dir / "checkpoints").iterdir()
     step = int(checkpoint.name.removeprefix("step-"))
-    assert 3 <= step < 500 and {"rng-rank0.pt", "rng-rank1.pt", "state.pt"} <= {
+    assert 3 <= step < 500 and {"rank0.pt", "rank1.pt", "state.pt"} <= {
         p.name for p in checkpoint.iterdir()
     }
     assert "trainer.resume=auto" in err

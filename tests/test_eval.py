@@ -219,7 +219,7 @@ def test_generate_answers_a_prompt_a_file_and_formats_a_task(run_mtft, tiny_run,
 def test_task_frame_is_the_instruction_around_every_prompt():
     from datasets import Dataset
 
-    from mtft.eval.generate_cli import task_frame
+    from mtft.commands.generate import task_frame
 
     rows = Dataset.from_dict(
         {

@@ -8,6 +8,7 @@ import pytest
 import torch
 from peft import LoraConfig, PrefixTuningConfig, get_peft_model
 
+from mtft.data.batch import Batch
 from mtft.data.collator import TaskCollator
 from mtft.engine.evaluation import task_losses
 from mtft.engine.forward import LEAN_MODEL_TYPES, supports_lean_head, task_token_loss
@@ -23,7 +24,7 @@ def tiny(model_type: str, **extra) -> torch.nn.Module:
     return tiny_lm(model_type, VOCAB, head_dim=8, pad_token_id=0, bos_token_id=1, eos_token_id=2, **extra)
 
 
-def head_rows(model: torch.nn.Module, batch: dict, lean: bool | None) -> tuple[tuple, int]:
+def head_rows(model: torch.nn.Module, batch: Batch, lean: bool | None) -> tuple[tuple, int]:
     """(sums, counts) of `task_token_loss` and how many positions the output head projected."""
     seen = []
     hook = model.get_output_embeddings().register_forward_hook(
@@ -36,18 +37,18 @@ def head_rows(model: torch.nn.Module, batch: dict, lean: bool | None) -> tuple[t
     return result, sum(seen)
 
 
-def grads(model: torch.nn.Module, batch: dict, lean: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def grads(model: torch.nn.Module, batch: Batch, lean: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     model.zero_grad(set_to_none=True)
     sums, counts = task_token_loss(model, batch, TASKS, lean=lean)
     (sums / counts.clamp_min(1)).sum().backward()
     return sums.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def assert_lean_equals_full(model: torch.nn.Module, batch: dict) -> None:
-    scored = int(scored_positions(batch["labels"]).sum())
+def assert_lean_equals_full(model: torch.nn.Module, batch: Batch) -> None:
+    scored = int(scored_positions(batch.labels).sum())
     assert supports_lean_head(model)
     (lean, lean_rows), (full, full_rows) = head_rows(model, batch, None), head_rows(model, batch, False)
-    assert lean_rows == scored < full_rows == batch["input_ids"].numel()  # the lean path was taken
+    assert lean_rows == scored < full_rows == batch.input_ids.numel()  # the lean path was taken
     torch.testing.assert_close(lean[0], full[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lean[1], full[1])
     assert lean[1][TASKS - 1] == 0 and lean[1].sum() == scored  # the absent task stays absent
@@ -77,7 +78,7 @@ def test_other_architectures_and_prompt_learning_take_the_full_forward():
     opt = tiny("opt", ffn_dim=64, word_embed_proj_dim=32)
     assert not supports_lean_head(opt)
     (sums, counts), rows = head_rows(opt, batch, None)
-    assert rows == batch["input_ids"].numel()
+    assert rows == batch.input_ids.numel()
     torch.testing.assert_close(sums, head_rows(opt, batch, False)[0][0])
     prefix = get_peft_model(tiny("llama"), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
     assert not supports_lean_head(prefix)
@@ -98,7 +99,7 @@ def test_evaluation_uses_the_lean_forward_with_the_full_losses():
     rows = [
         {"input_ids": ids[m.bool()].tolist(), "labels": lab[m.bool()].tolist(), "task_id": int(t)}
         for ids, lab, m, t in zip(
-            batch["input_ids"], batch["labels"], batch["attention_mask"], batch["task_ids"], strict=True
+            batch.input_ids, batch.labels, batch.attention_mask, batch.task_ids, strict=True
         )
     ]
     validation = SimpleNamespace(__getitems__=lambda idx: [rows[i] for i in idx])

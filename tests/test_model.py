@@ -1,12 +1,11 @@
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mtft.data.mixture import Mixture
 from mtft.models.config import ModelConfig
 from mtft.models.loading import load_model, load_tokenizer, resolve_path
 from mtft.models.tiny import LONGEST_RUN, _short_runs, train_tokenizer
 
-from conftest import SMALL
+from conftest import SMALL, mixture_from_records
 
 CORPUS = [
     "def add(a, b):\n    return a + b\n",
@@ -49,7 +48,7 @@ def test_a_huge_record_gives_the_tokenizer_corpus_a_bounded_share_in_short_runs(
     """At most `max_chars` of a record reach the embedded tokenizer's corpus, and a run without spaces
     reaches the BPE trainer in pieces (its merges are quadratic in a word's length: 300,000 x's took
     over 100 s whole); text without such runs is given as it is, so its tokenizer is unchanged."""
-    mixture = Mixture.from_records({"t": [{"text": "x" * 50_000}, {"text": "more"}]}, {"t": [{"text": "v"}]})
+    mixture = mixture_from_records({"t": [{"text": "x" * 50_000}, {"text": "more"}]}, {"t": [{"text": "v"}]})
     assert mixture.corpus(20_000) == ["x" * 20_000]
     n = LONGEST_RUN
     assert list(_short_runs(["a b\n", "y" + " " * (n + 1) + "x" * (2 * n + 500) + " z"])) == [

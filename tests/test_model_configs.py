@@ -18,7 +18,7 @@ from mtft.models.config import ModelConfig
 from mtft.models.loading import load_tokenizer, resolve_path
 from mtft.recipe.config import TrainConfig, conf_dir, register_configs
 
-from conftest import SMALL
+from conftest import SMALL, mixture_from_records
 
 MODEL_DIR = conf_dir() / "model"
 REAL = sorted(p.stem for p in MODEL_DIR.glob("*.yaml") if p.stem not in ("tiny", "hf"))
@@ -100,7 +100,7 @@ def tokenizer(tmp_path_factory):
 def mixture() -> Mixture:
     qa = [{"prompt": "What is 1 plus 2?", "response": "The answer is 3."}]
     lm = [{"text": "def add(a, b):\n    return a + b\n"}]
-    return Mixture.from_records({"qa": qa, "lm": lm}, {"qa": qa, "lm": lm})
+    return mixture_from_records({"qa": qa, "lm": lm}, {"qa": qa, "lm": lm})
 
 
 def learned(row: dict) -> int:
@@ -131,7 +131,7 @@ def test_chat_format_renders_user_and_assistant_turns_and_masks_the_prompt(token
 
     # The collator keeps the mask; the loss sees the response and end of turn.
     batch = TaskCollator(tokenizer.pad_token_id)([data.train[0], data.train[1]])
-    labels = batch["labels"][0]
+    labels = batch.labels[0]
     assert (labels[:plen] == IGNORE_INDEX).all()
     assert labels[plen : len(ids)].tolist() == ids[plen:]
 

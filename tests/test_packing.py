@@ -9,12 +9,14 @@ import torch
 from safetensors.torch import load_file
 
 from mtft.core.errors import MtftError
-from mtft.data.collator import IGNORE_INDEX, TaskCollator, count_tokens, model_inputs
+from mtft.data.batch import Batch
+from mtft.data.batching import Batching
+from mtft.data.collator import IGNORE_INDEX, TaskCollator
 from mtft.data.config import DataConfig
 from mtft.data.packing import PackedCollator, PackedRows, first_fit_decreasing
-from mtft.data.sampler import MixtureSampler
-from mtft.engine.loss import per_task_token_loss
+from mtft.data.sampler import BatchMode, MixtureSampler
 from mtft.models.packing import check_packed_attention
+from tests.test_loss import per_task_token_loss
 
 from conftest import read_metrics, read_untimed_metrics, tiny_lm
 
@@ -37,10 +39,10 @@ def examples() -> list[dict]:
     return out
 
 
-def task_sums(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def task_sums(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.no_grad():
-        logits = model(**model_inputs(batch)).logits
-    return per_task_token_loss(logits, batch["labels"], batch["task_ids"], 3)
+        logits = model(**batch.model_inputs()).logits
+    return per_task_token_loss(logits, batch, 3)
 
 
 def test_first_fit_decreasing_fills_rows_and_keeps_every_item_once():
@@ -62,8 +64,9 @@ def test_packed_per_task_losses_equal_unpacked(arch):
     bins = first_fit_decreasing([len(r["input_ids"]) for r in rows], 40)
     assert len(bins) < len(rows)  # rows really hold several examples, of several tasks
     packed = PackedCollator(PAD, 40)([[rows[i] for i in b] for b in bins])
-    assert packed["input_ids"].shape[1] == 40 and "attention_mask" not in packed
-    assert int(count_tokens(packed)) == int(count_tokens(padded)) == sum(len(r["input_ids"]) for r in rows)
+    assert packed.input_ids.shape[1] == 40 and "attention_mask" not in packed.model_inputs()
+    assert int(packed.num_tokens()) == int(padded.num_tokens()) == sum(len(r["input_ids"]) for r in rows)
+    assert padded.by_task() is not None and packed.by_task() is None  # packed rows hold several tasks
     sums, counts = task_sums(model, padded)
     packed_sums, packed_counts = task_sums(model, packed)
     assert torch.equal(counts, packed_counts) and counts.min() > 0
@@ -79,8 +82,8 @@ def test_no_attention_across_packed_examples(arch, attention):
     changed = [dict(r) for r in rows]
     changed[1] = {**rows[1], "input_ids": [(t + 1) % VOCAB for t in rows[1]["input_ids"]]}
     with torch.no_grad():
-        before = model(**model_inputs(collate([rows]))).logits[0]
-        after = model(**model_inputs(collate([changed]))).logits[0]
+        before = model(**collate([rows]).model_inputs()).logits[0]
+        after = model(**collate([changed]).model_inputs()).logits[0]
     spans = [(0, 12), (12, 41), (41, 44), (44, 61)]
     for k, (a, b) in enumerate(spans):
         if k == 1:
@@ -108,18 +111,42 @@ def test_a_model_that_mixes_packed_examples_is_refused():
         check_packed_attention(Leaky())
 
 
+class Rows:
+    """A dataset of `rows` read as the DataLoader reads a Hugging Face dataset (`__getitems__`)."""
+
+    def __init__(self, rows: list[dict]) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        return [self.rows[i] for i in indices]
+
+
 def test_packed_rows_fetch_whole_bins():
     rows = examples()
-
-    class Rows:
-        def __len__(self) -> int:
-            return len(rows)
-
-        def __getitems__(self, indices: list[int]) -> list[dict]:
-            return [rows[i] for i in indices]
-
-    fetched = PackedRows(Rows()).__getitems__([[3, 1], [0], [7, 2, 5]])
+    fetched = PackedRows(Rows(rows)).__getitems__([[3, 1], [0], [7, 2, 5]])
     assert fetched == [[rows[3], rows[1]], [rows[0]], [rows[7], rows[2], rows[5]]]
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_one_batching_object_decides_sampler_view_and_collator(packing):
+    """`data.packing` is read once: the sampler's unit, the dataset view and the collator follow it,
+    and the batches say what they hold without anyone looking at their keys."""
+    rows = examples()
+    lengths = [len(r["input_ids"]) for r in rows]
+    batching = Batching(DataConfig(source="codetasks", packing=packing, max_length=40, packing_window=8), PAD)
+    assert batching.packed == packing and batching.mode == (BatchMode.packed if packing else BatchMode.plain)
+    sampler = batching.sampler([r["task_id"] for r in rows], 2, seed=0, rank=0, world_size=1, lengths=lengths)
+    batch = next(batching.loader(Rows(rows), sampler))
+    assert batch.input_ids.shape[0] == 2 and ("position_ids" in batch.model_inputs()) == packing
+    assert (batch.by_task() is None) == packing
+    if packing:  # two packed rows of the first window's bins: more than two examples' tokens
+        assert int(batch.num_tokens()) > max(lengths) and batching.row_tokens(lengths) > sum(lengths) / 8
+    else:
+        assert int(batch.num_tokens()) == int(batch.attention_mask.sum())
+        assert batching.row_tokens(lengths) == sum(lengths) / 8
 
 
 def test_packed_stream_keeps_epochs_ranks_and_resumes_exactly():
@@ -127,7 +154,13 @@ def test_packed_stream_keeps_epochs_ranks_and_resumes_exactly():
     task_ids = [0] * 300 + [1] * 120 + [2] * 57  # 477 examples
     lengths = torch.randint(4, 100, (len(task_ids),), generator=g).tolist()
     kw = dict(
-        batch_size=3, seed=5, world_size=2, lengths=lengths, packing=True, max_length=128, packing_window=50
+        batch_size=3,
+        seed=5,
+        world_size=2,
+        lengths=lengths,
+        mode=BatchMode.packed,
+        max_length=128,
+        packing_window=50,
     )
     ranks = [iter(MixtureSampler(task_ids, rank=r, **kw)) for r in range(2)]
     steps = [[next(it) for _ in range(90)] for it in ranks]
@@ -161,7 +194,7 @@ def test_packing_options_are_checked():
     with pytest.raises(MtftError, match="data.num_workers must be >= 0"):
         DataConfig(source="codetasks", num_workers=-1)
     with pytest.raises(MtftError, match="data.packing needs the length of every example"):
-        MixtureSampler([0, 1], batch_size=1, packing=True)
+        MixtureSampler([0, 1], batch_size=1, mode=BatchMode.packed)
 
 
 PACKED = [

@@ -22,11 +22,10 @@ from transformers import (
     OPTForCausalLM,
 )
 
+from mtft.commands.export import run as export_main
 from mtft.core.errors import MtftError
-from mtft.engine.config import TrainerConfig
 from mtft.models.adapters import apply_peft, count_parameters, quantization_config
-from mtft.models.config import LoraAdapterConfig, ModelConfig, QLoraAdapterConfig
-from mtft.models.export import main as export_main
+from mtft.models.config import LoraAdapterConfig, ModelConfig, PeftMethod
 from mtft.models.loading import load_model, load_tokenizer, resolve_path
 from mtft.recipe import validate
 
@@ -34,7 +33,6 @@ from conftest import SMALL, read_metrics
 
 CORPUS = ["def add(a, b):\n    return a + b\n", "class Stack:\n    def push(self, x):\n        pass\n"] * 50
 LLAMA_TARGETS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-TRAIN = TrainerConfig()
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +64,7 @@ def lora_modules(model: torch.nn.Module) -> set[str]:
 
 def test_lora_trains_only_adapter_parameters(small_path):
     torch.manual_seed(0)
-    model = apply_peft(small_model(small_path), LoraAdapterConfig(r=4, alpha=8, dropout=0.0), TRAIN)
+    model = apply_peft(small_model(small_path), LoraAdapterConfig(r=4, alpha=8, dropout=0.0))
     assert isinstance(model, PeftModel)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
@@ -94,19 +92,19 @@ def test_lora_trains_only_adapter_parameters(small_path):
 
 def test_lora_knobs_reach_peft(small_path):
     cfg = LoraAdapterConfig(r=2, alpha=6, dropout=0.1, target_modules=["q_proj", "v_proj"], bias="lora_only")
-    model = apply_peft(small_model(small_path), cfg, TRAIN)
+    model = apply_peft(small_model(small_path), cfg)
     lora = model.peft_config["default"]
     assert (lora.r, lora.lora_alpha, lora.lora_dropout, lora.bias) == (2, 6, 0.1, "lora_only")
     assert lora_modules(model) == {"q_proj", "v_proj"}
     assert lora.task_type == "CAUSAL_LM"
     # PEFT's all-linear: every linear layer except the output head.
-    model = apply_peft(small_model(small_path), LoraAdapterConfig(target_modules="all-linear"), TRAIN)
+    model = apply_peft(small_model(small_path), LoraAdapterConfig(target_modules="all-linear"))
     assert lora_modules(model) == LLAMA_TARGETS
 
 
 def test_modules_to_save_are_trained_in_full_and_stay_tied(small_path, recwarn):
     cfg = LoraAdapterConfig(target_modules=["q_proj"], modules_to_save=["lm_head"])
-    model = apply_peft(small_model(small_path), cfg, TRAIN)
+    model = apply_peft(small_model(small_path), cfg)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     full = [n for n in trainable if "modules_to_save" in n]
     assert full and all(trainable[n].shape[0] == model.config.vocab_size for n in full)
@@ -160,7 +158,7 @@ def _weight(module: torch.nn.Module) -> torch.Tensor:
     ids=["gpt2", "gpt_neox", "other: all-linear"],
 )
 def test_default_target_modules_per_architecture(build, expected):
-    model = apply_peft(build(), LoraAdapterConfig(), TRAIN)
+    model = apply_peft(build(), LoraAdapterConfig())
     assert lora_modules(model) == expected
 
 
@@ -182,7 +180,7 @@ def test_bad_lora_settings_are_clear_errors(options, message):
 
 def test_unknown_target_module_is_a_clear_error(small_path):
     with pytest.raises(MtftError, match="no_such_proj"):
-        apply_peft(small_model(small_path), LoraAdapterConfig(target_modules=["no_such_proj"]), TRAIN)
+        apply_peft(small_model(small_path), LoraAdapterConfig(target_modules=["no_such_proj"]))
 
 
 # --- gradient checkpointing ------------------------------------------------------------------------
@@ -211,7 +209,7 @@ def test_gradient_checkpointing_recomputes_and_keeps_the_gradients(small_path, p
     results = {}
     for on in (False, True):
         torch.manual_seed(0)  # the same adapter init in both
-        model = apply_peft(small_model(small_path), peft_cfg, TrainerConfig(gradient_checkpointing=on))
+        model = apply_peft(small_model(small_path), peft_cfg, gradient_checkpointing=on)
         assert model.config.use_cache is not on
         results[on] = layer_calls(model, ids)
     (calls_off, grads_off), (calls_on, grads_on) = results[False], results[True]
@@ -229,7 +227,7 @@ def test_gradient_checkpointing_recomputes_and_keeps_the_gradients(small_path, p
 def test_qlora_without_cuda_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(MtftError) as e:
-        validate.check_adapter_support(QLoraAdapterConfig())
+        validate.check_adapter_support(LoraAdapterConfig(method=PeftMethod.qlora))
     assert "CUDA" in str(e.value) and "peft=lora" in str(e.value)
     validate.check_adapter_support(LoraAdapterConfig())  # LoRA runs anywhere
     validate.check_adapter_support(None)
@@ -244,12 +242,12 @@ def test_qlora_without_bitsandbytes_names_the_install_command(monkeypatch):
         lambda name, *a: None if name == "bitsandbytes" else real(name, *a),
     )
     with pytest.raises(MtftError, match="pip install bitsandbytes"):
-        validate.check_adapter_support(QLoraAdapterConfig())
+        validate.check_adapter_support(LoraAdapterConfig(method=PeftMethod.qlora))
 
 
 def test_qlora_loads_the_base_in_4bit_nf4_with_double_quant_and_bf16_compute(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    q = quantization_config(QLoraAdapterConfig())
+    q = quantization_config(LoraAdapterConfig(method=PeftMethod.qlora))
     assert q.load_in_4bit and not q.load_in_8bit
     assert (q.bnb_4bit_quant_type, q.bnb_4bit_use_double_quant, q.bnb_4bit_compute_dtype) == (
         "nf4",
@@ -273,7 +271,7 @@ def test_qlora_wiring_quantizes_at_load_then_adds_adapters(small_path, monkeypat
         return real(path, **kwargs)
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", from_pretrained)
-    model = load_model(small_path, ModelConfig(build=SMALL), QLoraAdapterConfig())
+    model = load_model(small_path, ModelConfig(build=SMALL), LoraAdapterConfig(method=PeftMethod.qlora))
     assert seen["quantization_config"].bnb_4bit_quant_type == "nf4"
     assert seen["device_map"] == {"": 1}  # this rank's GPU
 
@@ -284,7 +282,7 @@ def test_qlora_wiring_quantizes_at_load_then_adds_adapters(small_path, monkeypat
         return prepare_model_for_kbit_training(m, **kwargs)
 
     monkeypatch.setattr("peft.prepare_model_for_kbit_training", prepare)  # adapters imports it at call time
-    model = apply_peft(model, QLoraAdapterConfig(r=4), TrainerConfig(gradient_checkpointing=True))
+    model = apply_peft(model, LoraAdapterConfig(method=PeftMethod.qlora, r=4), gradient_checkpointing=True)
     assert prepared and isinstance(model, PeftModel)
     assert all(".lora_" in n for n, p in model.named_parameters() if p.requires_grad)
     assert model.config.use_cache is False and model.get_base_model().model.layers[0].gradient_checkpointing
@@ -414,7 +412,7 @@ def test_export_errors_are_clear(small_path, tmp_path, capsys):
 def test_export_of_an_adapter_matches_base_plus_adapter(small_path, tmp_path):
     """In process and fast: a trained adapter saved like the recipe does, merged by `mtft export`."""
     torch.manual_seed(0)
-    model = apply_peft(small_model(small_path), LoraAdapterConfig(r=4, dropout=0.0), TRAIN)
+    model = apply_peft(small_model(small_path), LoraAdapterConfig(r=4, dropout=0.0))
     for p in model.parameters():
         if p.requires_grad:
             torch.nn.init.normal_(p, std=0.05)  # as if trained: B != 0

@@ -126,7 +126,7 @@ def test_pure_bf16_trains_in_bf16_and_warns(run_mtft, bf16_qwen, tmp_path):
 
 
 def test_lora_adapters_train_in_fp32_on_a_frozen_bf16_base():
-    model = apply_peft(small_qwen2(300), LoraAdapterConfig(), TrainerConfig())
+    model = apply_peft(small_qwen2(300), LoraAdapterConfig())
     backend = TorchBackend(model, TrainerConfig(lr=1e-3), torch.device("cpu"))
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     frozen = [p for p in model.parameters() if not p.requires_grad]

@@ -28,7 +28,7 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf, open_dict
 
-from mtft import cli
+from mtft.commands import cli
 from mtft.recipe import config as schema
 from mtft.recipe.config import conf_dir, register_configs, to_typed
 
@@ -250,7 +250,6 @@ CONTEXT = {
     "trainer.pure_bf16=": ["trainer.precision=bf16"],
     "model.chat_template=": ["model.prompt_format=chat"],
     "data=files": ["+data.tasks.t.train=[README.md]"],
-    "data=jsonl": ["+data.tasks.t.train=[README.md]"],
 }
 
 
@@ -281,3 +280,33 @@ def test_an_inline_override_composes_as_written(where, override):
             check_job([*context, override])
     else:
         check_job([*context, override])
+
+
+# --- the one table of config groups -----------------------------------------------------------------
+
+HYDRA_OWN_OPTIONS = {"hydra/launcher": {"joblib"}}  # Hydra's plugins, not files of mtft/conf
+
+
+def config_group_rows(path: Path, end: str) -> dict[str, set[str]]:
+    """group -> the backticked names in its table row's second cell, in the section `## Config groups`."""
+    text = path.read_text()
+    section = text[text.index("## Config groups") :]
+    section = section[: section.index(end)]
+    rows = re.findall(r"^\| `([\w/]+)` \| ([^|]*) \|", section, flags=re.M)
+    return {group: set(re.findall(r"`(\w+)`", cell)) for group, cell in rows}
+
+
+def test_the_config_group_table_lists_every_option_file():
+    """docs/configuration.md's table names every group of mtft/conf and every option file in it, and
+    nothing else; the README's short table names only groups and defaults that exist."""
+    conf = Path(conf_dir())
+    tree = {d.name: {f.stem for f in d.glob("*.yaml")} for d in conf.iterdir() if d.is_dir() and d.name != "hydra"}
+    tree["hydra/launcher"] = {f.stem for f in (conf / "hydra" / "launcher").glob("*.yaml")}
+    table = config_group_rows(ROOT / "docs" / "configuration.md", "Keys users change most")
+    assert set(table) == set(tree)
+    for group, options in tree.items():
+        assert table[group] == options | HYDRA_OWN_OPTIONS.get(group, set()), group
+    readme = config_group_rows(ROOT / "README.md", "\n## ")  # group | default | what it chooses
+    assert readme and set(readme) <= set(tree)
+    for group, defaults in readme.items():
+        assert defaults <= tree[group], group

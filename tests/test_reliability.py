@@ -14,6 +14,7 @@ from mtft.balancers.uniform import Uniform
 from mtft.core.errors import MtftError
 from mtft.data.config import DataConfig, TaskConfig
 from mtft.data.mixture import Mixture, build_mixture, tokenize_mixture
+from mtft.data.prepared import Data
 from mtft.engine.backend import autocast_for
 from mtft.engine.config import TrainerConfig
 from mtft.engine.loop import Trainer
@@ -21,7 +22,7 @@ from mtft.loggers.config import LoggerConfig
 from mtft.models.config import ModelConfig
 from mtft.models.loading import load_tokenizer
 from mtft.models.tiny import train_tokenizer
-from mtft.recipe.builders import Data, build_backend, build_sampler, build_tracker, build_trainer
+from mtft.recipe.builders import build_backend, build_batching, build_sampler, build_tracker, build_trainer
 from mtft.recipe.config import TrainConfig
 
 from conftest import ROOT, read_metrics, tiny_lm
@@ -67,10 +68,11 @@ def make_trainer(tokenizer, run_dir: Path, nan_calls: set[int], **cfg) -> tuple[
     )
     balancer = Uniform(data.tasks)
     backend = build_backend(train_cfg, NaNAt(model, nan_calls), torch.device("cpu"))
-    sampler = build_sampler(train_cfg, data.mixture.train_task_ids)
+    batching = build_batching(train_cfg, tokenizer.pad_token_id, model)
+    sampler = build_sampler(train_cfg, batching, data.mixture.train_task_ids)
     run_dir.mkdir(parents=True, exist_ok=True)
     tracker = build_tracker(train_cfg, run_dir, data.tasks)
-    return build_trainer(train_cfg, backend, data, sampler, balancer, tracker, run_dir), model
+    return build_trainer(train_cfg, backend, data, batching, sampler, balancer, tracker, run_dir), model
 
 
 def test_nonfinite_loss_skips_the_update_and_is_logged(tokenizer, tmp_path):

@@ -191,6 +191,28 @@ def test_partial_and_broken_runs_are_reported_not_fatal(sweep, tmp_path):
     assert [(r.name, len(r.runs)) for r in report.results] == [("uniform", 2), ("coba", 2)]
 
 
+def test_extra_keys_and_nulls_in_the_run_files_are_read_not_fatal(tmp_path):
+    run = fake_run(tmp_path / "0", "uniform", 1, {"a": 2.0, "b": 3.0})
+    summary = json.loads((run / "summary.json").read_text())
+    summary["final_val_loss"]["b"] = None  # a diverged task: strict JSON wrote its NaN as null
+    (run / "summary.json").write_text(json.dumps(summary | {"written_by": "another tool"}))
+    entry = {"examples": 3, "loss": 1.0, "perplexity": 2.7, "metrics": {"exact_match": 40.0}, "score": 40.0}
+    evaluation = {"model": "m", "tasks": {"a": entry | {"note": "extra"}}, "mean_score": 40.0, "extra": 1}
+    (run / "eval.json").write_text(json.dumps(evaluation))
+    fake_run(tmp_path / "1", "famo", 1, {"a": 2.0})
+    summary = json.loads((tmp_path / "1" / "summary.json").read_text())
+    (tmp_path / "1" / "summary.json").write_text(json.dumps({k: summary[k] for k in ("tasks", "seed")}))
+
+    report = build_report([tmp_path])
+    assert [(r.name, len(r.runs)) for r in report.results] == [("uniform", 1)]
+    assert f"{tmp_path / '1' / 'summary.json'}: skipped, missing final_val_loss, best_val_loss, steps" in (
+        report.warnings
+    )
+    rows = parse_table(markdown_table(report))["uniform"]
+    assert (rows["a final"], rows["b final"], rows["mean final"]) == ("2.000", "–", "–")
+    assert (rows["eval score"], rows["a exact_match"]) == ("40.0", "40.0")
+
+
 def test_variants_of_one_balancer_get_their_own_rows(tmp_path):
     for i, tau in enumerate((1.0, 1.0, 5.0)):
         cfg = {"_target_": "mtft.balancers.coba.CoBa", "tau": tau}

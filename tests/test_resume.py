@@ -34,7 +34,7 @@ TIMING = {"tokens_per_s"}
 STALL_IN_SAVE = """
 import pathlib, sys, time
 import mtft.engine.checkpoint as checkpoint
-from mtft.cli import main
+from mtft.commands.cli import main
 marker, args = pathlib.Path(sys.argv[1]), sys.argv[2:]
 fsync = checkpoint._fsync_dir
 def stalled(path):
@@ -52,7 +52,7 @@ sys.exit(main())
 STALL_IN_FINAL_SAVE = """
 import pathlib, sys, time
 import mtft.engine.backend as backend
-from mtft.cli import main
+from mtft.commands.cli import main
 marker, args = pathlib.Path(sys.argv[1]), sys.argv[2:]
 save = backend.save_pretrained
 def stalled(module, directory):
@@ -316,7 +316,7 @@ def test_killing_the_parent_of_workers_kills_the_workers(mtft_env, tmp_path):
     proc = spawn(mtft_env, "train", *args)
     wait_for(trained_to(run_dir, 1), proc)
     workers = [
-        p for p in psutil.Process(proc.pid).children() if "mtft.launch.worker" in " ".join(p.cmdline())
+        p for p in psutil.Process(proc.pid).children() if "mtft.commands.worker" in " ".join(p.cmdline())
     ]
     assert len(workers) == 2
     proc.send_signal(signal.SIGKILL)
@@ -338,7 +338,7 @@ def test_a_worker_killed_by_a_signal_is_its_own_exit_code(mtft_env, tmp_path):
     (worker,) = [
         p
         for p in psutil.Process(proc.pid).children(recursive=True)
-        if "mtft.launch.worker" in " ".join(p.cmdline()) and p.environ().get("RANK") == "1"
+        if "mtft.commands.worker" in " ".join(p.cmdline()) and p.environ().get("RANK") == "1"
     ]
     worker.send_signal(signal.SIGKILL)
     _, err = proc.communicate(timeout=180)

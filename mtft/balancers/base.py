@@ -10,9 +10,8 @@ touches data or the backend. The trainer drives it:
         combine(TaskLosses) -> loss       per micro-batch; the trainer calls backward on the result
         observe_step(t, TaskLosses)       after the update (the same batch re-evaluated if
                                           `recompute_after_step`, else the step's own losses)
-        observe_val(t, losses, present)   every `val_interval` steps if > 0, without gradients, on
-                                          the same `probe_rows_per_task` validation rows of every
-                                          task if > 0, else on `val_batches` random mixed batches
+        probe_rows(t, ...) -> rows | None   the validation rows it wants losses of after step t
+        observe_val(t, losses, present)   when it wanted rows: their losses, without gradients
 
 It is usable without a model: feed `observe_*` per-task losses and read `weights()`.
 """
@@ -63,9 +62,6 @@ class TaskLosses:
 class Balancer(ABC):
     """One weight per task. Subclasses implement `weights()` and whichever hooks they need."""
 
-    val_interval: int = 0
-    val_batches: int = 1
-    probe_rows_per_task: int = 0
     recompute_after_step: bool = False
     needs_parameters: bool = False  # takes gradients of whole model parameters (not with ZeRO-3)
     # Each task's rows in a forward of their own (same losses and model gradient), handed over as
@@ -102,8 +98,17 @@ class Balancer(ABC):
     def observe_step(self, step: int, losses: TaskLosses) -> None:  # noqa: B027 - optional hook
         """Called after optimizer step `step` with detached per-task training losses."""
 
+    def probe_rows(
+        self, step: int, val_rows: Sequence[Sequence[int]], batch_rows: int, generator: torch.Generator
+    ) -> list[int] | None:
+        """The validation rows whose per-task losses `observe_val(step, ...)` is to see after step
+        `step`, or None (the default): no probe. `val_rows` holds each task's rows (together, all of
+        them); `batch_rows` is one global training micro-batch; `generator`, checkpointed by the
+        trainer, draws random rows."""
+        return None
+
     def observe_val(self, step: int, losses: torch.Tensor, present: torch.Tensor) -> None:  # noqa: B027
-        """Called with per-task validation losses: at step 0 (full) and every `val_interval` steps."""
+        """Called with per-task validation losses: at step 0 (full) and after the steps it probes."""
 
     def diagnostics(self) -> dict[str, float]:
         """Extra per-step values worth logging (e.g. `rcs/<task>`); empty by default."""

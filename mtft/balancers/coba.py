@@ -105,23 +105,14 @@ class CobaBalancerConfig:
         if self.history_length is not None:
             integer("history_length", 2, " (a slope needs two points)")
         positive("balancer.tau", self.tau)
-        require(
-            _number(self.smoothing) and 0 < self.smoothing <= 1,
-            "balancer.smoothing",
-            "in (0, 1]",
-            self.smoothing,
-        )
+        smoothing, cap = self.smoothing, self.cap_divergence
+        require(_number(smoothing) and 0 < smoothing <= 1, "balancer.smoothing", "in (0, 1]", smoothing)
         integer("update_interval", 1)
         self.probe = choice("balancer.probe", Probe, self.probe)
         self.divergence = choice("balancer.divergence", Divergence, self.divergence)
         integer("probe_rows", 1)
         integer("sample_valid_num", 1)
-        require(
-            isinstance(self.cap_divergence, bool),
-            "balancer.cap_divergence",
-            "true or false",
-            self.cap_divergence,
-        )
+        require(isinstance(cap, bool), "balancer.cap_divergence", "true or false", cap)
 
     def window(self, max_steps: int | None) -> tuple[int, int]:
         """(warm-up steps, probes in the slope window), the null ones chosen from the run's length."""
@@ -138,7 +129,7 @@ class CoBa(Balancer):
     """Weights from validation-loss slopes: Relative/Absolute Convergence Scores mixed by a Divergence Factor.
 
     The trainer calls `observe_val(0, L(0))` once, then every `update_interval` steps
-    `observe_val(t, L(t))` on `sample_valid_num` mixed validation batches. Each call appends the
+    `observe_val(t, L(t))` on the rows `probe_rows` picks. Each call appends the
     normalized loss `v_i(t) = L_i(t) / L_i(0)`; for the first `warmup_steps` steps all weights are
     equal, and from the first probe at `t >= warmup_steps` on, each probe recomputes the weights
     (they apply from step `t + 1`):
@@ -168,10 +159,6 @@ class CoBa(Balancer):
         super().__init__(tasks)
         self.config = cfg = self.config_class(**options)
         self.tau = float(cfg.tau)
-        # The trainer probes the validation set through these interface attributes.
-        self.val_interval = cfg.update_interval
-        self.val_batches = cfg.sample_valid_num
-        self.probe_rows_per_task = cfg.probe_rows if cfg.probe == Probe.stratified else 0
         self._reset(*cfg.window(None))
 
     def plan(self, max_steps: int) -> None:
@@ -208,6 +195,20 @@ class CoBa(Balancer):
 
     def weights(self) -> torch.Tensor:
         return self._weights.to(torch.float32)
+
+    def probe_rows(
+        self, step: int, val_rows: Sequence[Sequence[int]], batch_rows: int, generator: torch.Generator
+    ) -> list[int] | None:
+        """Every `update_interval` steps: the last `probe_rows` rows of every task (stratified), or
+        `sample_valid_num` random mixed micro-batches of `batch_rows` rows, as the reference samples
+        them (MFTCoder's eval batch is its train batch): the probe runs often."""
+        cfg = self.config
+        if step % cfg.update_interval:
+            return None
+        if cfg.probe == Probe.stratified:
+            return [row for rows in val_rows for row in rows[-cfg.probe_rows :]]
+        total = sum(len(rows) for rows in val_rows)
+        return torch.randint(total, (cfg.sample_valid_num * batch_rows,), generator=generator).tolist()
 
     def observe_val(self, step: int, losses: torch.Tensor, present: torch.Tensor) -> None:
         """Record `L(0)` at step 0; later, append `v(t) = L(t)/L(0)` and (after warm-up) update the weights."""

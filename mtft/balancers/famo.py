@@ -212,10 +212,6 @@ class FAMO(Balancer):
         return gaps
 
 
-def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def _clone(obj: Any) -> Any:
     """Deep copy of nested dicts/lists/tuples of tensors, so saved state never aliases live state."""
     if isinstance(obj, torch.Tensor):

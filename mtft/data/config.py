@@ -14,7 +14,6 @@ from mtft.core.schema import Choice, at_least, choice, in_unit_interval, positiv
 class DataSource(Choice):
     codetasks = "codetasks"  # the embedded mixture, generated from the Python standard library
     files = "files"  # your own data per task: local files, directories, globs or a Hub dataset
-    jsonl = "jsonl"  # the former name of `files`, kept so existing configs run
 
 
 class Format(Choice):
@@ -48,6 +47,15 @@ ROLES = ("system", "user", "assistant")
 class Truncation(Choice):
     truncate = "truncate"  # cut longer examples to max_length and count them
     error = "error"  # stop the run, with the count per task
+
+
+class Metric(Choice):
+    """A task's generation metrics (computed in mtft/eval/metrics.py), all on a 0-100 scale."""
+
+    exact_match = "exact_match"  # the normalized prediction equals the reference
+    rouge_l = "rouge_l"  # ROUGE-L F1 (longest common subsequence of words), mean over examples
+    chrf = "chrf"  # corpus chrF (character n-gram F-score, sacrebleu defaults)
+    bleu = "bleu"  # corpus BLEU (sacrebleu defaults, 13a tokenization)
 
 
 class Sampling(Choice):
@@ -126,8 +134,6 @@ class TaskConfig:
         for key in ("max_train_samples", "max_val_samples", "max_new_tokens"):
             if getattr(self, key) is not None:
                 at_least(f"data.tasks.{name}.{key}", getattr(self, key), 1)
-        from mtft.eval.metrics import Metric
-
         self.metrics = [choice(f"data.tasks.{name}.metrics", Metric, m) for m in self.metrics]
         text = self.format == Format.text
         require(
@@ -184,7 +190,7 @@ class DataConfig:
 
             unknown = sorted(set(self.tasks) - set(TASKS))
             require(not unknown, "data.tasks", f"tasks of codetasks ({', '.join(TASKS)})", unknown)
-        elif self.source in (DataSource.files, DataSource.jsonl):
+        elif self.source == DataSource.files:
             for name, task in self.tasks.items():
                 if not task.train and task.hub is None:
                     raise MtftError(

@@ -8,13 +8,15 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from mtft.data.packing import PackedRows
+from mtft.data.batch import Batch
 from mtft.data.sampler import MixtureSampler
 
 
 class TrainBatches:
-    """Collated micro-batches of `sampler`, forever, made by `num_workers` DataLoader processes ahead
-    of the loop (0: in the loop's own process) and pinned for an asynchronous copy to the GPU.
+    """Collated micro-batches of `sampler` over `dataset` (a view that fetches what the sampler
+    yields, examples or bins of them: mtft.data.batching picks both), forever, made by `num_workers`
+    DataLoader processes ahead of the loop (0: in the loop's own process) and pinned for an
+    asynchronous copy to the GPU.
 
     It is checkpointed in the sampler's place. Workers prefetch, so the sampler runs ahead of the
     batches trained on; the saved position is the batches handed to the loop. The DataLoader is made
@@ -26,20 +28,19 @@ class TrainBatches:
         self,
         dataset: Any,
         sampler: MixtureSampler,
-        collate: Callable[[list[Any]], dict[str, torch.Tensor]],
+        collate: Callable[[list[Any]], Batch],
         num_workers: int = 0,
         pin_memory: bool = False,
     ) -> None:
-        self.dataset = PackedRows(dataset) if sampler.packing else dataset
-        self.sampler, self.collate = sampler, collate
+        self.dataset, self.sampler, self.collate = dataset, sampler, collate
         self.num_workers, self.pin_memory = num_workers, pin_memory
-        self._batches: Iterator[dict[str, torch.Tensor]] | None = None
+        self._batches: Iterator[Batch] | None = None
         self._start = self._taken = 0
 
     def __iter__(self) -> TrainBatches:
         return self
 
-    def __next__(self) -> dict[str, torch.Tensor]:
+    def __next__(self) -> Batch:
         if self._batches is None:
             self._start = self.sampler.batches_done
             loader = DataLoader(

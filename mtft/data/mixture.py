@@ -59,15 +59,6 @@ class Mixture:
     origins: Origins = field(default_factory=Origins)
     counts: dict[str, TaskCounts] = field(default_factory=dict)
 
-    @classmethod
-    def from_records(cls, train: dict[str, list[dict]], validation: dict[str, list[dict]]) -> Mixture:
-        """A mixture of in-memory records (any format), e.g. for tests; fingerprinted by content."""
-        splits = [
-            {t: conversations(records) for t, records in split.items()} for split in (train, validation)
-        ]
-        fingerprints = {t: fingerprint(list(splits[0][t]["key"]), list(splits[1][t]["key"])) for t in train}
-        return cls(list(train), splits[0], splits[1], fingerprints)
-
     def corpus(self, max_chars: int) -> list[str]:
         """Training text, interleaved over tasks, for fitting a tokenizer: about `max_chars` characters
         (at most twice that, as a record gives at most `max_chars`, however huge it is)."""

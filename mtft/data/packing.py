@@ -17,9 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from mtft.data.batch import PAD_TASK, PackedBatch
 from mtft.data.collator import IGNORE_INDEX
-
-PAD_TASK = -1  # the task id of padding positions in packed rows: no task
 
 
 def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -68,7 +67,7 @@ class PackedCollator:
     def __init__(self, pad_token_id: int, max_length: int) -> None:
         self.pad_token_id, self.max_length = pad_token_id, max_length
 
-    def __call__(self, bins: list[list[dict]]) -> dict[str, torch.Tensor]:
+    def __call__(self, bins: list[list[dict]]) -> PackedBatch:
         length = self.max_length
         shape = (len(bins), length)
         input_ids = torch.full(shape, self.pad_token_id, dtype=torch.long)
@@ -87,9 +86,9 @@ class PackedCollator:
                 position_ids[i, start:end] = torch.arange(n)
                 start = end
             position_ids[i, start:] = torch.arange(length - start)
-        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "task_ids": task_ids}
+        return PackedBatch(input_ids, labels, task_ids, position_ids)
 
-    def batches(self, dataset: Any, rows: list[int], batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+    def batches(self, dataset: Any, rows: list[int], batch_size: int) -> Iterator[PackedBatch]:
         """`rows` of `dataset` packed (first-fit-decreasing over all of them), `batch_size` rows a batch."""
         records = dataset.__getitems__(rows) if rows else []
         bins = first_fit_decreasing([len(r["input_ids"]) for r in records], self.max_length)

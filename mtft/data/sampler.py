@@ -3,14 +3,14 @@
 The sampler defines one global stream of example indices from the seed alone; rank r of W takes
 the r-th slice of every global batch. Its position is a single counter, so resuming is exact.
 
-With `group_by_length`, the stream is reordered inside fixed windows ("mega-batches" of
+In `grouped` mode, the stream is reordered inside fixed windows ("mega-batches" of
 `group_batches` global batches, as Hugging Face's `group_by_length` does) so that each batch holds
 examples of similar length and pads less. The reordering is a function of the seed and the stream
 position only, so determinism, the one-counter resume and rank sharding are unchanged, and it never
 moves an example across an epoch boundary, so proportional sampling still sees every example once
 per epoch.
 
-With `packing`, the unit of a batch is a packed row (a bin of examples, mtft.data.packing) instead
+In `packed` mode, the unit of a batch is a packed row (a bin of examples, mtft.data.packing) instead
 of an example: each window of `packing_window` examples of the same stream is packed by
 first-fit-decreasing and its bins shuffled, both functions of the seed and the window's position,
 and rank r takes the r-th slice of every global batch of bins. The position is still one counter
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator, Sequence
+from enum import Enum
 from typing import Any
 
 import torch
@@ -29,9 +30,19 @@ from mtft.core.errors import MtftError
 from mtft.data.packing import first_fit_decreasing
 
 
+class BatchMode(Enum):
+    """What a micro-batch holds: whole examples in stream order, whole examples of similar length
+    (`data.group_by_length`), or packed rows of several examples (`data.packing`)."""
+
+    plain = "plain"
+    grouped = "grouped"
+    packed = "packed"
+
+
 def sequence_lengths(dataset: Any) -> list[int]:
-    """Token count of every row (for `group_by_length`): read from the Arrow column of a Hugging Face
-    dataset without decoding rows (~0.1 s for the codetasks mixture), or counted for a list of rows."""
+    """Token count of every row (for the grouped and packed modes): read from the Arrow column of a
+    Hugging Face dataset without decoding rows (~0.1 s for the codetasks mixture), or counted for a
+    list of rows."""
     if hasattr(dataset, "with_format"):
         import pyarrow.compute as pc
 
@@ -69,11 +80,11 @@ class MixtureSampler:
     position with the rule's probabilities, then the next example of that task's own permutation
     (re-shuffled each time the task is exhausted), so small tasks repeat and large ones are cut.
 
-    `group_by_length=True` (needs `lengths`, one per example) sorts each window of `group_batches`
+    `mode=grouped` (needs `lengths`, one per example) sorts each window of `group_batches`
     global batches by length, longest first, then shuffles the order of the whole batches inside the
     window, so consecutive steps do not go from long to short.
 
-    `packing=True` (needs `lengths` and `max_length`) yields lists of bins: each micro-batch is
+    `mode=packed` (needs `lengths` and `max_length`) yields lists of bins: each micro-batch is
     `batch_size` packed rows of at most `max_length` tokens.
     """
 
@@ -88,9 +99,8 @@ class MixtureSampler:
         world_size: int = 1,
         chunk: int = 8192,
         lengths: Sequence[int] | None = None,
-        group_by_length: bool = False,
+        mode: BatchMode = BatchMode.plain,
         group_batches: int = 50,
-        packing: bool = False,
         max_length: int | None = None,
         packing_window: int = 1000,
     ) -> None:
@@ -101,17 +111,17 @@ class MixtureSampler:
         self.rule, self.batch_size, self.seed = rule, batch_size, seed
         self.rank, self.world_size, self.chunk = rank, world_size, chunk
         self.batches_done = 0
-        if group_by_length and lengths is None:
+        if mode is BatchMode.grouped and lengths is None:
             raise MtftError("data.group_by_length needs the length of every example")
-        if packing and (lengths is None or max_length is None):
+        if mode is BatchMode.packed and (lengths is None or max_length is None):
             raise MtftError("data.packing needs the length of every example and data.max_length")
         if lengths is not None and len(lengths) != len(self.task_ids):
             raise MtftError(f"got {len(lengths)} lengths for {len(self.task_ids)} examples")
         if group_batches < 1:
             raise MtftError(f"data.group_batches must be >= 1, got {group_batches}")
         self.lengths = None if lengths is None else torch.as_tensor(lengths, dtype=torch.long)
-        self.group_by_length, self.group_batches = group_by_length, group_batches
-        self.packing, self.max_length, self.packing_window = packing, max_length, packing_window
+        self.mode, self.group_batches = mode, group_batches
+        self.max_length, self.packing_window = max_length, packing_window
 
     def _generator(self, *key: int) -> torch.Generator:
         """A generator seeded from (seed, *key) by SHA-1, not Python's `hash`, whose value for a
@@ -199,12 +209,12 @@ class MixtureSampler:
             yield [[ids[j] for j in bins[k]] for k in order]
 
     def __iter__(self) -> Iterator[list[Any]]:
-        """This rank's micro-batches: example indices, or bins of them with `packing`."""
+        """This rank's micro-batches: example indices, or bins of them in `packed` mode."""
         global_batch = self.batch_size * self.world_size
         skip = self.batches_done * global_batch  # replay to the saved position
-        if self.packing:
+        if self.mode is BatchMode.packed:
             stream: Iterator[list[Any]] = self._packed_stream()
-        elif self.group_by_length:
+        elif self.mode is BatchMode.grouped:
             stream = self._grouped_stream()
         else:
             stream = (chunk.tolist() for chunk in self._global_stream())

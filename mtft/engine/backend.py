@@ -179,10 +179,10 @@ class DeepSpeedBackend:
     ) -> None:
         import deepspeed
 
-        from mtft.engine.deepspeed_config import deepspeed_config
+        from mtft.engine.deepspeed_json import deepspeed_json
 
         self.cfg, self.module, self.device = cfg, module, device
-        self.config = deepspeed_config(ds_cfg, cfg)
+        self.config = deepspeed_json(ds_cfg, cfg)
         self.stage = int(self.config.get("zero_optimization", {}).get("stage", 0))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=module,

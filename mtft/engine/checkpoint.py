@@ -5,7 +5,7 @@ One `Checkpointer` saves and restores a set of named components, each of which o
 position, the trainer's progress, and, per rank, the RNG states and the tracker (each sink's position
 in its own files). Nothing else knows the layout. A checkpoint is a directory
 `checkpoints/step-XXXXXXXX/` holding `state.pt` (written by rank 0: the components every rank shares),
-`rng-rank<r>.pt` (each rank's own components: its RNG states and its sinks), the files of components
+`rank<r>.pt` (each rank's own components: its RNG states and its sinks), the files of components
 that keep their own (DeepSpeed's `deepspeed/`), and `meta.json` (step, mean validation loss, world
 size, the run's config, which a resume checks (see mtft.recipe.resume), and the sha256 of every
 other file, checked before a checkpoint is used: a damaged latest checkpoint is passed over, with a
@@ -43,8 +43,8 @@ META = "meta.json"
 
 
 def rank_state_file(r: int) -> str:
-    """The file of rank `r`'s own components (named for its first tenant, the RNG states)."""
-    return f"rng-rank{r}.pt"
+    """The file of rank `r`'s own components: its RNG states and its sinks' positions."""
+    return f"rank{r}.pt"
 
 
 class Stateful(Protocol):

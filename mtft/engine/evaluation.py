@@ -19,18 +19,6 @@ def fixed_eval_rows(data: TokenizedMixture, per_task: int) -> list[int]:
     return [row for rows in data.val_rows for row in rows[:per_task]]
 
 
-def stratified_probe_rows(data: TokenizedMixture, per_task: int) -> list[int]:
-    """The last `per_task` validation rows of every task: a stratified probe, the same rows each time
-    (apart from the evaluation's first rows wherever a task has enough)."""
-    return [row for rows in data.val_rows for row in rows[-per_task:]]
-
-
-def random_eval_rows(data: TokenizedMixture, n: int, generator: torch.Generator) -> list[int]:
-    """`n` validation rows drawn at random over the whole mixture (a mixed batch, as CoBa samples)."""
-    total = len(data.validation)
-    return torch.randint(total, (n,), generator=generator).tolist()
-
-
 @torch.no_grad()
 def task_losses(
     model: torch.nn.Module,
@@ -49,7 +37,7 @@ def task_losses(
     was_training = model.training
     model.eval()
     for batch in collator.batches(data.validation, rows, batch_size):
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        batch = batch.to(device, non_blocking=True)
         with autocast():
             s, c = task_token_loss(model, batch, num_tasks)
         sums += s

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from mtft.data.collator import model_inputs
+from mtft.data.batch import Batch
 from mtft.engine.loss import scored_positions, scored_token_loss
 
 # Causal LMs whose forward is `lm_head(slice_logits_to_keep(hidden, logits_to_keep))` followed only by
@@ -34,19 +34,19 @@ LEAN_MODEL_TYPES = frozenset(
 
 
 def task_token_loss(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor], num_tasks: int, lean: bool | None = None
+    model: torch.nn.Module, batch: Batch, num_tasks: int, lean: bool | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of next-token cross-entropy and number of learned tokens, per task, of one batch.
 
     `lean=None` uses the lean head where `supports_lean_head(model)`; False forces the full forward.
     Differentiable when called with gradients enabled.
     """
-    inputs = model_inputs(batch)
-    scored = scored_positions(batch["labels"])
+    inputs = batch.model_inputs()
+    scored = scored_positions(batch.labels)
     if lean is None:
         lean = supports_lean_head(model)
     logits = model(**inputs, logits_to_keep=scored).logits if lean else model(**inputs).logits[scored]
-    return scored_token_loss(logits, batch["labels"], batch["task_ids"], scored, num_tasks)
+    return scored_token_loss(logits, batch.labels, batch.token_task_ids(), scored, num_tasks)
 
 
 def supports_lean_head(model: torch.nn.Module) -> bool:
@@ -77,7 +77,7 @@ def _boolean_logits_to_keep() -> bool:
 
 
 def task_token_loss_by_task(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor], num_tasks: int
+    model: torch.nn.Module, batch: Batch, num_tasks: int
 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor | None] | None]:
     """`task_token_loss` with each task's rows in a forward of their own (`Balancer.per_task_rows`).
 
@@ -86,22 +86,16 @@ def task_token_loss_by_task(
     proportion to that task's rows, so the gradients of all tasks together cost one backward of the
     batch whatever the number of tasks (the stacked `sums` would drag every task's graph along). Under
     DDP only the last forward prepares the gradient all-reduce (DDP allows one per backward). Rows that
-    hold several tasks (per-token task ids) cannot be split by row: they take the one-forward path and
+    hold several tasks (packed rows) cannot be split by row: they take the one-forward path and
     `parts` is None.
     """
-    task_ids = batch["task_ids"]
-    if task_ids.dim() != 1:
+    by_task = batch.by_task()
+    if by_task is None:
         return (*task_token_loss(model, batch, num_tasks), None)
-    present = task_ids.unique().tolist()
     parts: list[torch.Tensor | None] = [None] * num_tasks
-    counts = torch.zeros(num_tasks, device=task_ids.device)
-    for k, task in enumerate(present):
-        rows = task_ids == task
-        length = int(batch["attention_mask"][rows].sum(1).max())  # right padding: trim to the part's longest
-        part = {
-            key: value[rows][:, :length] if value.dim() == 2 else value[rows] for key, value in batch.items()
-        }
-        ddp_defer = isinstance(model, DistributedDataParallel) and k < len(present) - 1
+    counts = torch.zeros(num_tasks, device=batch.task_ids.device)
+    for k, (task, part) in enumerate(by_task):
+        ddp_defer = isinstance(model, DistributedDataParallel) and k < len(by_task) - 1
         with model.no_sync() if ddp_defer else contextlib.nullcontext():
             s, c = task_token_loss(model, part, num_tasks)
         parts[task] = s[task]

@@ -1,20 +1,17 @@
 """The training loop: forward -> per-task losses -> balancer.combine -> backward/step -> balancer.observe.
 
-Kept to one readable loop; everything it needs (the backend holding model and optimizer, data,
-sampler, balancer, tracker) is built by the named builders of `mtft.recipe.builders` and handed in. The same loop
-runs on one process, under DDP and under DeepSpeed: only the backend differs.
+Kept to one readable loop; everything it needs (the backend holding model and optimizer, data, its
+batching and sampler, balancer, tracker) is built by the named builders of `mtft.recipe.builders` and
+handed in. The same loop runs on one process, under DDP and under DeepSpeed: only the backend differs.
+It sees typed batches (mtft.data.batch) and never learns how they were made, nor which balancer runs.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import resource
-import signal
-import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -23,104 +20,21 @@ import torch
 from mtft.balancers.base import Balancer, TaskLosses
 from mtft.core.dist import all_reduce_sum, rank, world_size
 from mtft.core.errors import Interrupted, MtftError
-from mtft.data.collator import TaskCollator, count_tokens
-from mtft.data.loader import TrainBatches
+from mtft.data.batch import Batch
+from mtft.data.batching import Batching
 from mtft.data.mixture import TokenizedMixture
-from mtft.data.packing import PackedCollator
 from mtft.data.sampler import MixtureSampler
 from mtft.engine.backend import Backend
 from mtft.engine.checkpoint import Checkpointer, RngState
 from mtft.engine.config import TrainerConfig
-from mtft.engine.evaluation import fixed_eval_rows, random_eval_rows, stratified_probe_rows, task_losses
+from mtft.engine.evaluation import fixed_eval_rows, task_losses
 from mtft.engine.forward import task_token_loss, task_token_loss_by_task
-from mtft.loggers.base import Row, Tracker
+from mtft.engine.progress import Progress, StepStats, TrainResult
+from mtft.engine.rows import train_rows, val_rows
+from mtft.engine.signals import StopSignal
+from mtft.loggers.base import Tracker
 
 log = logging.getLogger("mtft")
-
-
-class DataclassState:
-    """`state_dict`/`load_state_dict` for a dataclass of plain values: its fields, as they are."""
-
-    def state_dict(self) -> dict[str, Any]:
-        return asdict(self)  # type: ignore[call-overload]
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for f in fields(self):  # type: ignore[arg-type]
-            setattr(self, f.name, state[f.name])
-
-
-@dataclass
-class TrainResult(DataclassState):
-    steps: int = 0  # optimizer steps taken (fewer than max_steps after early stopping)
-    val_history: dict[int, list[float]] = field(default_factory=dict)  # step -> loss per task
-    train_tokens: int = 0
-    train_seconds: float = 0.0
-    skipped_steps: int = 0  # updates skipped for a non-finite loss or gradient
-    stopped_early: bool = False
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.train_tokens / self.train_seconds if self.train_seconds else 0.0
-
-
-@dataclass
-class Progress(DataclassState):
-    """What the loop carries from step to step beyond the model: checkpointed with it."""
-
-    streak: int = 0  # consecutive non-finite steps
-    best_val: float = math.inf  # for early stopping
-    evals_without_improvement: int = 0
-
-
-@dataclass
-class StepStats:
-    """One optimizer step's per-task loss sums and token counts (over ranks and micro-batches)."""
-
-    sums: torch.Tensor
-    counts: torch.Tensor
-    loss: float = 0.0  # the combined (balanced) loss
-    tokens: int = 0  # non-padding tokens
-    bad_tasks: set[str] = field(default_factory=set)  # tasks whose loss was not finite
-    last_batch: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    @property
-    def present(self) -> torch.Tensor:
-        return self.counts > 0
-
-    @property
-    def mean(self) -> torch.Tensor:
-        return self.sums / self.counts.clamp_min(1)
-
-
-class StopSignal:
-    """SIGTERM/SIGINT/SIGUSR2 handler: the first signal asks the loop to checkpoint and stop after the
-    current step; a second one stops at once (KeyboardInterrupt)."""
-
-    def __init__(self, finishing: str = "finishing step, saving a checkpoint") -> None:
-        self.signum: int | None = None
-        self.finishing = finishing  # what is done before stopping, for the message
-        self._previous: dict[int, Any] = {}
-
-    def __call__(self, signum: int, frame: Any) -> None:
-        if self.signum is not None:
-            raise KeyboardInterrupt
-        self.signum = signum
-        log.warning("%s received: %s, then stopping", signal.Signals(signum).name, self.finishing)
-
-    def __enter__(self) -> StopSignal:
-        if threading.current_thread() is threading.main_thread():
-            # SIGUSR2: what SLURM sends ahead of the time limit under submitit (`signal_delay_s`).
-            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):
-                self._previous[signum] = signal.signal(signum, self)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 class Trainer:
@@ -132,35 +46,31 @@ class Trainer:
         cfg: TrainerConfig,
         backend: Backend,
         data: TokenizedMixture,
-        collator: TaskCollator | PackedCollator,
-        sampler: MixtureSampler,
+        batching: Batching,
+        sampler: MixtureSampler,  # made by `batching`
         balancer: Balancer,
         tracker: Tracker,
         run_dir: Path,
         seed: int = 0,
         config: dict[str, Any] | None = None,  # recorded with each checkpoint (mtft.recipe.resume)
-        num_workers: int = 0,  # DataLoader processes collating training batches (data.num_workers)
         # Called after each step and its evaluation (trainer.sample_interval's generation).
         on_step: Callable[[int], None] | None = None,
     ) -> None:
-        self.cfg, self.backend, self.data, self.collator = cfg, backend, data, collator
+        self.cfg, self.backend, self.data, self.batching = cfg, backend, data, batching
         self.sampler, self.balancer, self.tracker = sampler, balancer, tracker
         self.on_step = on_step
         # `model` is what training calls (DDP/DeepSpeed wrapper); `module` the model itself.
         self.model, self.module, self.device = backend.model, backend.module, backend.device
         self.tasks = data.tasks
         self.autocast = backend.autocast
-        self.batches = TrainBatches(data.train, sampler, collator, num_workers, self.device.type == "cuda")
+        self.batches = batching.loader(data.train, sampler, self.device.type == "cuda")
         # A balancer whose `combine` is the base class's has no state to protect from a NaN loss, so
         # its micro-batches need no host check (FAMO and GradNorm read their losses on the host anyway).
         self._guard_combine = type(balancer).combine is not Balancer.combine
         self.eval_rows = fixed_eval_rows(data, cfg.eval_batches * cfg.eval_batch_size)
         self.result, self.progress = TrainResult(), Progress()
-        # Draws the probe batches of balancers that validate as they train (CoBa), unless they
-        # probe the same rows of every task each time.
+        # Draws the random probe rows of balancers that validate as they train (`probe_rows`).
         self.probe_rng = torch.Generator().manual_seed(seed)
-        per_task = balancer.probe_rows_per_task
-        self.probe_rows = stratified_probe_rows(data, per_task) if per_task else None
         self.checkpointer = Checkpointer(
             run_dir,
             shared={
@@ -175,28 +85,20 @@ class Trainer:
             config=config,
         )
 
-    def _val_losses(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        return task_losses(
-            self.module, self.data, rows, self.collator, self.cfg.eval_batch_size, self.device, self.autocast
-        )
+    def _val_losses(self, rows: list[int], batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        collate = self.batching.collate
+        return task_losses(self.module, self.data, rows, collate, batch_size, self.device, self.autocast)
 
     def evaluate(self, step: int) -> torch.Tensor:
-        losses, _ = self._val_losses(self.eval_rows)
+        losses, _ = self._val_losses(self.eval_rows, self.cfg.eval_batch_size)
         values = losses.tolist()
         self.result.val_history[step] = values
-        rows: list[Row] = [
-            {"step": step, "split": "val", "task": t, "loss": _finite_or_none(v)}
-            for t, v in zip(self.tasks, values, strict=True)
-        ]
-        rows.append(
-            {"step": step, "split": "val", "task": "all", "loss": _finite_or_none(sum(values) / len(values))}
-        )
-        self.tracker.log(rows)
+        self.tracker.log(val_rows(step, self.tasks, values))
         return losses
 
-    def _forward(self, batch: dict[str, torch.Tensor]) -> tuple[TaskLosses, torch.Tensor, torch.Tensor]:
+    def _forward(self, batch: Batch) -> tuple[TaskLosses, torch.Tensor, torch.Tensor]:
         """Per-task losses of one micro-batch, reduced over ranks so every rank sees the same values."""
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        batch = batch.to(self.device, non_blocking=True)
         parts = None
         with self.autocast():
             if self.balancer.per_task_rows:
@@ -231,22 +133,21 @@ class Trainer:
                 t0 = time.perf_counter()
                 weights = balancer.weights()
                 stats = self._accumulate(self.batches)
-                applied, grad_norm = backend.step(skip=bool(stats.bad_tasks) or not math.isfinite(stats.loss))
-                if applied:
+                skip = bool(stats.bad_tasks) or not math.isfinite(stats.loss)
+                stats.applied, stats.grad_norm = backend.step(skip=skip)
+                if stats.applied:
                     progress.streak = 0
                     self._observe(step, stats)
                 else:
                     self._skip(step, stats.bad_tasks)
-                elapsed = time.perf_counter() - t0
+                stats.seconds = time.perf_counter() - t0
                 result.train_tokens += stats.tokens
-                result.train_seconds += elapsed
+                result.train_seconds += stats.seconds
                 result.steps = step
 
                 last = step == cfg.max_steps
-                if step % cfg.log_interval == 0 or last or not applied:
-                    rows = self._train_rows(
-                        step, stats, weights, elapsed, grad_norm, backend.lr(), not applied
-                    )
+                if step % cfg.log_interval == 0 or last or not stats.applied:
+                    rows = train_rows(step, self.tasks, stats, weights, backend.lr(), balancer.diagnostics())
                     self.tracker.log(rows)
                 self._check_streak(step, stats.bad_tasks)
                 if step % cfg.eval_interval == 0 or last:
@@ -254,7 +155,7 @@ class Trainer:
                     last = last or result.stopped_early
                 if self.on_step is not None:
                     self.on_step(step)
-                stopping = _any_rank(stop.signum is not None)  # every rank stops at the same step
+                stopping = stop.on_any_rank()
                 if last or (cfg.save_interval and step % cfg.save_interval == 0) or stopping:
                     path = self._save(step)
                     if stopping and not last:
@@ -263,7 +164,7 @@ class Trainer:
                     break
         return result
 
-    def _accumulate(self, batches: Iterator[dict[str, torch.Tensor]]) -> StepStats:
+    def _accumulate(self, batches: Iterator[Batch]) -> StepStats:
         """Forward and backward over `grad_accum` micro-batches. Losses, token counts and non-finite
         flags stay on the device and are read once, after the last micro-batch: no host sync in
         between stalls a GPU's queue. After a non-finite task loss the update is skipped, and the
@@ -275,7 +176,7 @@ class Trainer:
         tokens = torch.zeros((), dtype=torch.long)  # counted on the host, where the batches are
         for micro in range(self.cfg.grad_accum):
             stats.last_batch = next(batches)
-            tokens += count_tokens(stats.last_batch)
+            tokens += stats.last_batch.num_tokens()
             with self.backend.accumulating(last=micro == self.cfg.grad_accum - 1):
                 losses, sums, counts = self._forward(stats.last_batch)
                 stats.sums += sums
@@ -300,31 +201,17 @@ class Trainer:
         """Show the balancer the step that was just taken (and, if it asks, fresh validation losses)."""
         balancer = self.balancer
         if balancer.recompute_after_step:
+            assert stats.last_batch is not None
             observed, _, _ = self._forward_no_grad(stats.last_batch)
         else:
             observed = TaskLosses(local=stats.mean, mean=stats.mean, present=stats.present)
         balancer.observe_step(step, observed)
-        if balancer.val_interval and step % balancer.val_interval == 0:
-            # A random probe batch is one training micro-batch (`batch_size` rows per rank), as in the
-            # CoBa reference (MFTCoder's eval batch = train batch), not `eval_batch_size`: the probe
-            # runs often. The ranks draw the same global rows and each evaluates its own share.
-            rows = self.probe_rows
-            if rows is None:
-                n = balancer.val_batches * self.cfg.batch_size * world_size()
-                rows = random_eval_rows(self.data, n, self.probe_rng)
-            rows = rows[rank() :: world_size()]
-            balancer.observe_val(
-                step,
-                *task_losses(
-                    self.module,
-                    self.data,
-                    rows,
-                    self.collator,
-                    self.cfg.batch_size,
-                    self.device,
-                    self.autocast,
-                ),
-            )
+        batch_size = self.cfg.batch_size
+        rows = balancer.probe_rows(step, self.data.val_rows, batch_size * world_size(), self.probe_rng)
+        if rows is not None:
+            # The ranks draw the same global rows and each evaluates its own share, in batches of a
+            # training micro-batch: the probe runs often.
+            balancer.observe_val(step, *self._val_losses(rows[rank() :: world_size()], batch_size))
 
     def _skip(self, step: int, bad_tasks: set[str]) -> None:
         """A non-finite loss or gradient: no update this step (the caller logs the step's rows)."""
@@ -367,62 +254,8 @@ class Trainer:
         return self.checkpointer.save(step, val_mean)
 
     @torch.no_grad()
-    def _forward_no_grad(
-        self, batch: dict[str, torch.Tensor]
-    ) -> tuple[TaskLosses, torch.Tensor, torch.Tensor]:
+    def _forward_no_grad(self, batch: Batch) -> tuple[TaskLosses, torch.Tensor, torch.Tensor]:
         return self._forward(batch)
-
-    def _train_rows(
-        self,
-        step: int,
-        stats: StepStats,
-        weights: torch.Tensor,
-        elapsed: float,
-        grad_norm: float,
-        lr: float,
-        skipped: bool,
-    ) -> list[Row]:
-        """Per task: its loss in this step's batch (null if absent) and the weight applied; then the mixture."""
-        rows: list[Row] = [
-            {
-                "step": step,
-                "split": "train",
-                "task": task,
-                "loss": _finite_or_none(value) if has else None,
-                "weight": w,
-            }
-            for task, value, has, w in zip(
-                self.tasks, stats.mean.tolist(), stats.present.tolist(), weights.tolist(), strict=True
-            )
-        ]
-        summary: Row = {
-            "step": step,
-            "split": "train",
-            "task": "all",
-            "loss": None if skipped else _finite_or_none(stats.loss),
-            "lr": lr,
-            "tokens": stats.tokens,
-            "tokens_per_s": stats.tokens / elapsed if elapsed else 0.0,
-        }
-        if math.isfinite(grad_norm):
-            summary["grad_norm"] = grad_norm
-        if skipped:
-            summary["skipped"] = True
-        summary.update(self.balancer.diagnostics())
-        rows.append(summary)
-        return rows
-
-
-def _any_rank(flag: bool) -> bool:
-    """True on every rank if it is true on any (one small all-reduce; free in one process)."""
-    if world_size() == 1:
-        return flag
-    return bool(all_reduce_sum(torch.tensor([float(flag)])).item() > 0)
-
-
-def _finite_or_none(x: float) -> float | None:
-    """metrics.jsonl is strict JSON: a non-finite value is written as null."""
-    return x if math.isfinite(x) else None
 
 
 def _what(bad_tasks: set[str]) -> str:

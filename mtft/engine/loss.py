@@ -15,35 +15,23 @@ def scored_positions(labels: torch.Tensor) -> torch.Tensor:
     return scored
 
 
-def token_tasks(task_ids: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
-    """The task of every scored position, in `scored`'s row-major order. `task_ids` is per row `(batch,)`
-    or per token `(batch, length)` (rows holding several examples): the task of the position's input."""
-    if task_ids.dim() == 1:
-        return task_ids[:, None].expand_as(scored)[scored]
-    return task_ids[scored]
-
-
 def scored_token_loss(
-    logits: torch.Tensor, labels: torch.Tensor, task_ids: torch.Tensor, scored: torch.Tensor, num_tasks: int
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    token_tasks: torch.Tensor,
+    scored: torch.Tensor,
+    num_tasks: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-task cross-entropy sums and token counts from the `(scored, vocab)` logits of the scored
-    positions (`scored_positions(labels)`, row-major)."""
+    """Sum of next-token cross-entropy and number of learned tokens, per task, from the `(scored, vocab)`
+    logits of the scored positions (`scored_positions(labels)`, row-major); `token_tasks` is the task
+    of every position's input, `(batch, length)`.
+
+    The mean loss of task i is `sums[i] / counts[i]`: a token mean over all learned tokens of task i.
+    Returning sums and counts (not means) lets ranks and micro-batches be added exactly. Only learned
+    positions go through the softmax: prompt and padding cost nothing here.
+    """
     targets = torch.roll(labels, -1, dims=1)[scored]
     token_loss = F.cross_entropy(logits.float(), targets, reduction="none")
-    tasks = token_tasks(task_ids, scored)
+    tasks = token_tasks[scored]
     zeros = torch.zeros(num_tasks, dtype=token_loss.dtype, device=logits.device)
     return zeros.index_add(0, tasks, token_loss), zeros.index_add(0, tasks, torch.ones_like(token_loss))
-
-
-def per_task_token_loss(
-    logits: torch.Tensor, labels: torch.Tensor, task_ids: torch.Tensor, num_tasks: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of next-token cross-entropy and number of learned tokens, per task, from `(batch, length, vocab)` logits.
-
-    The mean loss of task i is `sums[i] / counts[i]`: a token mean over all unmasked tokens of task
-    i's sequences. Returning sums and counts (not means) lets ranks and micro-batches be added exactly.
-    Only learned positions go through the softmax: prompt and padding cost nothing here. `task_ids`
-    is per row `(batch,)`, or per token `(batch, length)` for packed rows holding several examples.
-    """
-    scored = scored_positions(labels)
-    return scored_token_loss(logits[scored], labels, task_ids, scored, num_tasks)

@@ -11,14 +11,7 @@ import logging
 import statistics
 from collections.abc import Callable
 
-from mtft.core.schema import Choice
-
-
-class Metric(Choice):
-    exact_match = "exact_match"  # the normalized prediction equals the reference
-    rouge_l = "rouge_l"  # ROUGE-L F1 (longest common subsequence of words), mean over examples
-    chrf = "chrf"  # corpus chrF (character n-gram F-score, sacrebleu defaults)
-    bleu = "bleu"  # corpus BLEU (sacrebleu defaults, 13a tokenization)
+from mtft.data.config import Metric
 
 
 def normalize(text: str, strip: bool = True, lowercase: bool = False) -> str:

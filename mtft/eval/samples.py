@@ -10,11 +10,12 @@ from contextlib import AbstractContextManager
 import torch
 
 from mtft.core.dist import rank
+from mtft.data.config import DataConfig
 from mtft.data.encode import Encoder
+from mtft.data.prepared import Data
+from mtft.eval.config import EvalConfig
 from mtft.eval.generate import conversation_prompts, generate
 from mtft.loggers.base import Row, Tracker
-from mtft.recipe.builders import Data
-from mtft.recipe.config import TrainConfig
 
 log = logging.getLogger("mtft")
 
@@ -24,28 +25,33 @@ class TrainingSamples:
 
     def __init__(
         self,
-        cfg: TrainConfig,
+        interval: int,
         data: Data,
+        data_cfg: DataConfig,
+        eval_cfg: EvalConfig,
         module: torch.nn.Module,
         tracker: Tracker,
         autocast: Callable[[], AbstractContextManager],
     ) -> None:
-        assert cfg.trainer.sample_interval is not None and data.conversations is not None
-        self.cfg, self.data, self.module, self.tracker, self.autocast = cfg, data, module, tracker, autocast
-        encoder = Encoder(data.tokenizer, cfg.data.max_length, data.template)
-        k = cfg.eval.sample_prompts
+        assert data.conversations is not None
+        self.interval, self.data, self.eval_cfg = interval, data, eval_cfg
+        self.module, self.tracker, self.autocast = module, tracker, autocast
+        self.limits = {task: data_cfg.tasks[task].max_new_tokens for task in data.tasks}
+        encoder = Encoder(data.tokenizer, data_cfg.max_length, data.template)
+        k = eval_cfg.sample_prompts
         self.prompts = {
             task: conversation_prompts(encoder, ds.select(range(min(k, len(ds)))))
             for task, ds in data.conversations.validation.items()
         }
 
     def __call__(self, step: int) -> None:
-        if step % self.cfg.trainer.sample_interval or rank() != 0:  # type: ignore[operator]
+        if step % self.interval or rank() != 0:
             return
         rows: list[Row] = []
         for task, prompts in self.prompts.items():
-            limit = self.cfg.data.tasks[task].max_new_tokens
-            answers = generate(self.module, self.data.tokenizer, prompts, self.cfg.eval, limit, self.autocast)
+            answers = generate(
+                self.module, self.data.tokenizer, prompts, self.eval_cfg, self.limits[task], self.autocast
+            )
             for p, answer in zip(prompts, answers, strict=True):
                 prompt = self.data.tokenizer.decode(p.ids, skip_special_tokens=True)
                 rows.append(

@@ -2,9 +2,9 @@
 
 `mtft train distributed.nproc_per_node=N` (also each job of a `-m` sweep) runs the Hydra job in one
 parent process, which writes the resolved config into the run dir and starts N workers with
-torchrun's elastic agent (`torch.distributed.launcher`); each worker (`python -m mtft.launch.worker`)
-trains as one rank. The parent holds the run dir's lock (mtft.launch.claim) for them, and each
-worker dies with the parent (PR_SET_PDEATHSIG, see mtft.launch.worker), so no worker outlives it.
+torchrun's elastic agent (`torch.distributed.launcher`); each worker (`python -m mtft.commands.worker`,
+named by the caller) trains as one rank. The parent holds the run dir's lock (mtft.launch.claim) for them, and each
+worker dies with the parent (PR_SET_PDEATHSIG, see mtft.commands.worker), so no worker outlives it.
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ from mtft.core.errors import Interrupted, MtftError, StorageError, WorkerKilled
 from mtft.core.rundir import CHECKPOINTS, LAUNCH_CONFIG
 from mtft.launch.config import DistributedConfig
 from mtft.loggers.context import HYDRA_CONTEXT_ENV, hydra_context
-from mtft.recipe.config import TrainConfig
 
 log = logging.getLogger("mtft")
 
 
-def launch_workers(cfg: TrainConfig, resolved_yaml: str, run_dir: Path) -> None:
-    """Run the job as `nproc_per_node` x `nnodes` worker processes and wait for them.
+def launch_workers(dist: DistributedConfig, resolved_yaml: str, run_dir: Path, worker: str) -> None:
+    """Run the job as `nproc_per_node` x `nnodes` processes of `python -m WORKER CONFIG RUN_DIR PARENT_PID`
+    and wait for them.
 
     A worker's MtftError (exit 2) or resumable stop (exit 75) becomes the parent's, so `mtft train`
     exits the same way whether it ran one process or many.
@@ -39,7 +39,6 @@ def launch_workers(cfg: TrainConfig, resolved_yaml: str, run_dir: Path) -> None:
 
     from mtft.engine.checkpoint import checkpoint_dirs
 
-    dist = cfg.distributed
     if dist.nnodes > 1 and not dist.rdzv_endpoint:
         raise MtftError(
             "distributed.nnodes > 1 needs distributed.rdzv_endpoint=HOST:PORT (the same on every node)"
@@ -56,9 +55,7 @@ def launch_workers(cfg: TrainConfig, resolved_yaml: str, run_dir: Path) -> None:
     )
     os.environ[HYDRA_CONTEXT_ENV] = json.dumps(hydra_context())  # the workers name their W&B run
     try:
-        elastic_launch(launch, sys.executable)(
-            "-m", "mtft.launch.worker", str(config_path), str(run_dir), str(os.getpid())
-        )
+        elastic_launch(launch, sys.executable)("-m", worker, str(config_path), str(run_dir), str(os.getpid()))
     except SignalException as e:
         # SIGTERM/SIGINT to this parent: the agent passed it on to the workers and waited while
         # they saved a checkpoint and stopped.

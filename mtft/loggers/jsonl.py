@@ -3,11 +3,12 @@ samples.jsonl, the in-training samples (`trainer.sample_interval`), kept the sam
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, TextIO
 
 from mtft.core.errors import MtftError
+from mtft.core.jsonfile import dumps
+from mtft.core.rundir import MetricsRow
 from mtft.loggers.base import Row
 
 
@@ -27,13 +28,14 @@ class JsonlSink:
         self._restored_offset: int | None = None
 
     def write(self, rows: list[Row]) -> None:
-        self._append(rows)
+        """Each row as a `MetricsRow`, the type the report reads it back through."""
+        self._append([MetricsRow.from_dict(row).to_dict() for row in rows])
 
     def _append(self, rows: list[Row]) -> None:
         if self._fh is None:
             self._fh = self.path.open("w" if self._restored_offset is None else "a", encoding="utf-8")
         for row in rows:
-            self._fh.write(json.dumps(row, allow_nan=False) + "\n")
+            self._fh.write(dumps(row) + "\n")
         self._fh.flush()
 
     def state_dict(self) -> dict[str, Any]:

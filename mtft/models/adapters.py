@@ -18,7 +18,6 @@ import torch
 from transformers import PreTrainedModel
 
 from mtft.core.errors import MtftError
-from mtft.engine.config import TrainerConfig
 from mtft.models.config import LoraAdapterConfig
 
 log = logging.getLogger("mtft")
@@ -97,7 +96,7 @@ def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
 
 
 def apply_peft(
-    model: PreTrainedModel, cfg: LoraAdapterConfig | None, trainer: TrainerConfig
+    model: PreTrainedModel, cfg: LoraAdapterConfig | None, gradient_checkpointing: bool = False
 ) -> torch.nn.Module:
     """Make `model` ready to train: gradient checkpointing if asked, then LoRA adapters if configured.
 
@@ -105,7 +104,7 @@ def apply_peft(
     else; the returned PeftModel saves just the adapter with `save_pretrained`.
     """
     if cfg is None:
-        if trainer.gradient_checkpointing:
+        if gradient_checkpointing:
             enable_gradient_checkpointing(model)
         return model  # the run-start block says what is trained
 
@@ -115,7 +114,7 @@ def apply_peft(
         # Freezes the 4-bit base and casts the remaining half-precision weights (norms, embeddings)
         # to fp32 for stable training. Non-reentrant checkpointing needs none of its input-grad hooks.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    if trainer.gradient_checkpointing:
+    if gradient_checkpointing:
         enable_gradient_checkpointing(model)
 
     targets = cfg.target_modules

@@ -149,10 +149,3 @@ class LoraAdapterConfig:
             "null, 'all-linear', or a non-empty list of module names",
             targets,
         )
-
-
-@dataclass
-class QLoraAdapterConfig(LoraAdapterConfig):
-    """QLoRA: LoRA on a base model quantized to 4 bits by bitsandbytes (needs a CUDA GPU)."""
-
-    method: PeftMethod = PeftMethod.qlora

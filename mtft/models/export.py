@@ -1,4 +1,4 @@
-"""`mtft export RUN_DIR`: merge a run's LoRA adapter into its base model and save a full model.
+"""Merging a run's LoRA adapter into its base model and saving a full model (`mtft export`).
 
 A LoRA run saves only the adapter (PEFT's format) in `RUN_DIR/model`; serving stacks and
 `AutoModelForCausalLM.from_pretrained` want one self-contained model. This loads the base model the
@@ -8,10 +8,8 @@ folds it into the weights with `merge_and_unload` and writes model + tokenizer w
 
 from __future__ import annotations
 
-import argparse
 import logging
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -109,36 +107,3 @@ def export(run_dir: Path, out: Path | None = None, base: str | None = None, dtyp
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def main(argv: list[str]) -> int:
-    """`mtft export RUN_DIR [-o OUT]`: print where the merged model went, or a one-line error."""
-    parser = argparse.ArgumentParser(
-        prog="mtft export",
-        description="Merge a LoRA run's adapter (RUN_DIR/model) into its base model and write a full "
-        "Hugging Face model + tokenizer, loadable with AutoModelForCausalLM.from_pretrained.",
-    )
-    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the run dir of a peft=lora/qlora run")
-    parser.add_argument("-o", "--out", type=Path, metavar="OUT", help="output dir (default: RUN_DIR/merged)")
-    parser.add_argument(
-        "--base", metavar="PATH_OR_HUB_ID", help="base model (default: the one named in the adapter config)"
-    )
-    parser.add_argument(
-        "--dtype",
-        default="auto",
-        choices=list(DTYPES),
-        help="dtype to load the base model and save the merged one in (default: the base's own)",
-    )
-    args = parser.parse_args(argv)
-    logging.basicConfig(format="%(message)s")
-    log.setLevel(logging.INFO)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    try:
-        out = export(args.run_dir, args.out, args.base, args.dtype)
-    except MtftError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"merged {args.run_dir / 'model'} into its base model: {out}", file=sys.stderr)
-    return 0

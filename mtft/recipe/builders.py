@@ -1,7 +1,7 @@
 """The recipe's named steps, each building one component from the validated config.
 
-`mtft.recipe.finetune` calls them in order (data -> balancer -> model -> backend -> sampler ->
-tracker -> trainer); tests and `bench/` call the same builders instead of wiring components by hand,
+`mtft.recipe.finetune` calls them in order (data -> balancer -> model -> batching -> backend ->
+sampler -> tracker -> trainer); tests and `bench/` call the same builders instead of wiring components by hand,
 so what they exercise is what `mtft train` runs.
 """
 
@@ -9,21 +9,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from hydra.utils import get_class
-from transformers import PreTrainedTokenizerBase
 
 from mtft.balancers import Balancer
 from mtft.core.dist import rank, world_size
 from mtft.core.errors import MtftError
 from mtft.core.rundir import METRICS, SAMPLES, rank_metrics
-from mtft.data.collator import TaskCollator
-from mtft.data.mixture import Mixture, TokenizedMixture, build_mixture, tokenize_mixture
-from mtft.data.packing import PackedCollator
+from mtft.data.batching import Batching
+from mtft.data.mixture import build_mixture, tokenize_mixture
+from mtft.data.prepared import Data
 from mtft.data.sampler import MixtureSampler
 from mtft.data.templates import resolve_template
 from mtft.engine.backend import Backend, DeepSpeedBackend, TorchBackend
@@ -40,21 +38,6 @@ from mtft.recipe.config import TrainConfig
 from mtft.recipe.resume import run_record
 
 log = logging.getLogger("mtft")
-
-
-@dataclass
-class Data:
-    """The tokenized task mixture, with the tokenizer it was tokenized by and the model that goes with it."""
-
-    mixture: TokenizedMixture
-    tokenizer: PreTrainedTokenizerBase
-    model_path: str  # resolved: the embedded model is built into the cache on first use
-    conversations: Mixture | None = None  # what was tokenized, as read (`mtft data preview`, `mtft eval`)
-    template: str | None = None  # the chat template's source; None: plain prompt + response
-
-    @property
-    def tasks(self) -> list[str]:
-        return self.mixture.tasks
 
 
 def build_data(cfg: TrainConfig) -> Data:
@@ -97,14 +80,12 @@ def build_model(cfg: TrainConfig, path: str, device: torch.device) -> torch.nn.M
     model = load_model(path, cfg.model, cfg.peft)
     if not getattr(model, "is_quantized", False):  # a 4-bit (QLoRA) model is placed by its device_map
         model = model.to(device)
-    model = apply_peft(model, cfg.peft, cfg.trainer)
+    model = apply_peft(model, cfg.peft, cfg.trainer.gradient_checkpointing)
     context = getattr(model.config, "max_position_embeddings", None)
     if context is not None and cfg.data.max_length > context:
         raise MtftError(
             f"data.max_length={cfg.data.max_length} exceeds the model's context ({context} tokens)"
         )
-    if cfg.data.packing:
-        check_packed_attention(model)
     log.info("model: %s (%.2fM parameters) from %s", type(model).__name__, model.num_parameters() / 1e6, path)
     return model
 
@@ -116,32 +97,21 @@ def build_backend(cfg: TrainConfig, model: torch.nn.Module, device: torch.device
     return DeepSpeedBackend(model, cfg.trainer, cfg.deepspeed, device)
 
 
-def build_sampler(cfg: TrainConfig, task_ids: list[int], lengths: list[int] | None = None) -> MixtureSampler:
+def build_batching(cfg: TrainConfig, pad_token_id: int, model: torch.nn.Module) -> Batching:
+    """How examples become micro-batches (`data.packing`, `data.group_by_length`, decided here once);
+    packed rows are refused for a model that would let their examples attend to each other."""
+    batching = Batching(cfg.data, pad_token_id)
+    if batching.packed:
+        check_packed_attention(model)
+    return batching
+
+
+def build_sampler(
+    cfg: TrainConfig, batching: Batching, task_ids: list[int], lengths: list[int] | None = None
+) -> MixtureSampler:
     """This rank's share of the task mixture's batches. `lengths` (of every training example) are
-    needed only with `data.group_by_length` or `data.packing`; `task_ids` may relabel the examples
-    (bench's synthetic tasks)."""
-    return MixtureSampler(
-        task_ids,
-        cfg.trainer.batch_size,
-        cfg.data.sampling,
-        cfg.data.temperature,
-        seed=cfg.seed,
-        rank=rank(),
-        world_size=world_size(),
-        lengths=lengths if cfg.data.group_by_length or cfg.data.packing else None,
-        group_by_length=cfg.data.group_by_length,
-        group_batches=cfg.data.group_batches,
-        packing=cfg.data.packing,
-        max_length=cfg.data.max_length,
-        packing_window=cfg.data.packing_window,
-    )
-
-
-def build_collator(cfg: TrainConfig, pad_token_id: int) -> TaskCollator | PackedCollator:
-    """Padded batches of whole examples, or packed rows with `data.packing`."""
-    if cfg.data.packing:
-        return PackedCollator(pad_token_id, cfg.data.max_length)
-    return TaskCollator(pad_token_id)
+    needed unless batches are plain; `task_ids` may relabel the examples (bench's synthetic tasks)."""
+    return batching.sampler(task_ids, cfg.trainer.batch_size, cfg.seed, rank(), world_size(), lengths)
 
 
 def build_sinks(cfg: TrainConfig, run_dir: Path, tasks: list[str]) -> list[Sink]:
@@ -179,6 +149,7 @@ def build_trainer(
     cfg: TrainConfig,
     backend: Backend,
     data: Data,
+    batching: Batching,
     sampler: MixtureSampler,
     balancer: Balancer,
     tracker: Tracker,
@@ -187,18 +158,16 @@ def build_trainer(
 ) -> Trainer:
     """The loop over all of the above; it also checkpoints and restores them. `on_step(step)` runs
     after each step (trainer.sample_interval)."""
-    collator = build_collator(cfg, data.tokenizer.pad_token_id)
     return Trainer(
         cfg.trainer,
         backend,
         data.mixture,
-        collator,
+        batching,
         sampler,
         balancer,
         tracker,
         run_dir,
         cfg.seed,
         config=run_record(cfg),
-        num_workers=cfg.data.num_workers,
         on_step=on_step,
     )

@@ -5,26 +5,27 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
 
 import datasets
-import torch
 import transformers
 from transformers import set_seed
 
 from mtft.core.dist import barrier, device_for_rank, rank, rank_zero_first
 from mtft.core.errors import Interrupted
-from mtft.core.rundir import CHECKPOINTS, MODEL, RunSetup, Summary
+from mtft.core.rundir import CHECKPOINTS, MODEL, EvalResult, RunSetup, Summary
+from mtft.data.prepared import Data
 from mtft.data.sampler import sequence_lengths
 from mtft.engine.backend import Backend
 from mtft.engine.checkpoint import checkpoint_dirs
-from mtft.engine.loop import StopSignal, TrainResult, peak_rss_mb
+from mtft.engine.memory import peak_gpu_memory_mb, peak_rss_mb
+from mtft.engine.progress import TrainResult
+from mtft.engine.signals import StopSignal
 from mtft.loggers.console import print_final_table
 from mtft.models.adapters import count_parameters
 from mtft.recipe.builders import (
-    Data,
     build_backend,
     build_balancer,
+    build_batching,
     build_data,
     build_model,
     build_sampler,
@@ -51,23 +52,26 @@ def train(cfg: TrainConfig, run_dir: Path, resume_from: Path | None) -> Summary:
         data = build_data(cfg)
         balancer = build_balancer(cfg.balancer, data.tasks)
     model = build_model(cfg, data.model_path, device)
+    batching = build_batching(cfg, data.tokenizer.pad_token_id, model)
     counts = count_parameters(model)  # (trainable, total), before DeepSpeed partitions the weights
     warning = lr_warning(cfg, counts[1])
     if warning and rank() == 0:
         log.warning(warning)
     backend = build_backend(cfg, model, device)
     lengths = sequence_lengths(data.mixture.train)
-    setup = run_setup(cfg, backend, counts, lengths)
+    setup = run_setup(cfg, backend, counts, batching, lengths)
     if rank() == 0:
         log.info(setup_block(setup))
-    sampler = build_sampler(cfg, data.mixture.train_task_ids, lengths)
+    sampler = build_sampler(cfg, batching, data.mixture.train_task_ids, lengths)
     tracker = build_tracker(cfg, run_dir, data.tasks)
     on_step = None
     if cfg.trainer.sample_interval is not None:
         from mtft.eval.samples import TrainingSamples
 
-        on_step = TrainingSamples(cfg, data, backend.module, tracker, backend.autocast)
-    trainer = build_trainer(cfg, backend, data, sampler, balancer, tracker, run_dir, on_step)
+        on_step = TrainingSamples(
+            cfg.trainer.sample_interval, data, cfg.data, cfg.eval, backend.module, tracker, backend.autocast
+        )
+    trainer = build_trainer(cfg, backend, data, batching, sampler, balancer, tracker, run_dir, on_step)
     try:
         result = trainer.fit(resume_from)
     finally:
@@ -93,12 +97,14 @@ def train(cfg: TrainConfig, run_dir: Path, resume_from: Path | None) -> Summary:
     return summary
 
 
-def evaluate_at_end(cfg: TrainConfig, backend: Backend, data: Data, run_dir: Path) -> dict[str, Any]:
+def evaluate_at_end(cfg: TrainConfig, backend: Backend, data: Data, run_dir: Path) -> EvalResult:
     """trainer.eval_at_end: `mtft eval` of the final model in this process (every rank takes its share);
     eval.json and eval_samples.jsonl go into the run dir, the results into summary.json."""
     from mtft.eval.evaluate import evaluate, print_table, write_eval
 
-    result, samples = evaluate(backend.module, data, cfg, f"final model of {run_dir}", backend.autocast)
+    result, samples = evaluate(
+        backend.module, data, cfg.data, cfg.eval, f"final model of {run_dir}", backend.autocast
+    )
     if rank() == 0:
         write_eval(run_dir, result, samples)
         print_table(result, stderr=True)
@@ -128,7 +134,7 @@ def summarize(
         train_tokens_per_s=result.tokens_per_s,
         wall_s=wall_s,
         peak_rss_mb=peak_rss_mb(),
-        peak_gpu_memory_mb=torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_initialized() else None,
+        peak_gpu_memory_mb=peak_gpu_memory_mb(),
         skipped_steps=result.skipped_steps,
         stopped_early=result.stopped_early,
         setup=setup,

@@ -63,11 +63,6 @@ def check_resumable(meta: dict[str, Any], cfg: TrainConfig, world_size: int, pat
         raise MtftError(
             f"trainer.max_steps={cfg.trainer.max_steps} is below step {step} of the checkpoint {path}"
         )
-    if "config" not in meta:
-        log.warning(
-            "checkpoint %s records no config (an older mtft): the resumed config is not checked", path
-        )
-        return
     old, new = _flat(meta["config"]), _flat(run_record(cfg))
     changed = [
         f"{key} ({old.get(key, '<unset>')!r} -> {new.get(key, '<unset>')!r})"

@@ -10,13 +10,11 @@
 
 from __future__ import annotations
 
-import statistics
-
 import yaml
 
 from mtft.core.dist import world_size
 from mtft.core.rundir import RunSetup
-from mtft.data.packing import first_fit_decreasing
+from mtft.data.batching import Batching
 from mtft.engine.backend import Backend, trainable
 from mtft.engine.precision import dtype_name, main_dtype
 from mtft.recipe.config import TrainConfig, conf_dir
@@ -60,16 +58,15 @@ def lr_warning(cfg: TrainConfig, parameters: int) -> str | None:
     )
 
 
-def run_setup(cfg: TrainConfig, backend: Backend, counts: tuple[int, int], lengths: list[int]) -> RunSetup:
+def run_setup(
+    cfg: TrainConfig, backend: Backend, counts: tuple[int, int], batching: Batching, lengths: list[int]
+) -> RunSetup:
     """The run-start block's values. `counts` (trainable, total) are taken before DeepSpeed
     partitions the weights; `lengths` are the training examples' token counts."""
     module, t = backend.module, cfg.trainer
     engine = backend.describe()
     global_batch = t.batch_size * t.grad_accum * world_size()
-    mean_length = statistics.fmean(lengths) if lengths else 0.0
-    if cfg.data.packing and lengths:  # tokens per packed row, on a sample spread over the mixture
-        sample = lengths[:: max(1, len(lengths) // cfg.data.packing_window)]
-        mean_length = sum(sample) / len(first_fit_decreasing(sample, cfg.data.max_length))
+    mean_length = batching.row_tokens(lengths)
     attention = getattr(getattr(module, "config", None), "_attn_implementation", None)
     return RunSetup(
         parameters=counts[1],
@@ -89,7 +86,7 @@ def run_setup(cfg: TrainConfig, backend: Backend, counts: tuple[int, int], lengt
         scheduler=str(t.scheduler),
         warmup_steps=t.warmup_steps,
         max_steps=t.max_steps,
-        packed=cfg.data.packing,
+        packed=batching.packed,
     )
 
 

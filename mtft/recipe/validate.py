@@ -20,7 +20,7 @@ from mtft.recipe.config import TrainConfig
 def validate(cfg: TrainConfig) -> None:
     """Raise MtftError naming the keys of the first rule `cfg` breaks."""
     if not cfg.data.tasks:
-        raise MtftError("the mixture has no tasks: set data.tasks (see mtft/conf/data/jsonl.yaml)")
+        raise MtftError("the mixture has no tasks: set data.tasks (see mtft/conf/data/files.yaml)")
     balancer = get_class(cfg.balancer._target_)
     if cfg.deepspeed is not None and balancer.needs_parameters:
         raise MtftError(

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import signal
 import sys
 
 from mtft import __version__
-from mtft.core.errors import config_error_message
 
 COMMANDS = {
     "train": "train a model on a task mixture with a loss balancer (Hydra overrides; see `mtft train --help`)",
@@ -38,39 +38,20 @@ examples:
 """
 
 
+# Each command's module (in this package) and its `run(args) -> exit code`, imported only when used.
+RUNNERS = {
+    "train": "train",
+    "report": "report",
+    "export": "export",
+    "eval": "eval",
+    "generate": "generate",
+    "data preview": "preview",
+}
+
+
 def _usage() -> str:
     width = max(map(len, COMMANDS))
     return USAGE.format(commands="\n".join(f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()))
-
-
-def _train(args: list[str]) -> int:
-    """Run the Hydra app. A config Hydra cannot compose (unknown key, bad override or value) is a
-    user error like any other: one `error:` line and exit code 2, not Hydra's exit 1."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from mtft.launch import app
-    from mtft.launch.process_group import join_launched_job
-
-    sys.argv = [f"{sys.argv[0]} train", *join_launched_job(args)]  # Hydra parses sys.argv
-    user_wants_trace = "HYDRA_FULL_ERROR" in os.environ
-    os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra raises instead of printing and exiting 1
-    try:
-        app.main()
-    except Exception as e:
-        if app.task_started or user_wants_trace or isinstance(e, BrokenPipeError):
-            raise
-        # Before the task starts only Hydra runs, and some of its composition failures are bare
-        # asserts (`+deepspeed.extra.x=1` while deepspeed=none): still the user's overrides.
-        if isinstance(e, HydraException | OmegaConfBaseException):
-            message = config_error_message(e)
-        elif isinstance(e, OSError):  # Hydra creating the run dir: a read-only or full file system
-            message = f"cannot create the run dir: {e.strerror}: {e.filename}"
-        else:
-            message = f"the overrides could not be applied: {e!r}"
-        print(f"error: {message}", file=sys.stderr)
-        return 2
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,28 +75,11 @@ def _dispatch(args: list[str]) -> int:
         print(f"mtft {__version__}")
         return 0
     command, rest = args[0], args[1:]
-    if command == "train":
-        return _train(rest)
-    if command == "report":
-        from mtft.report.cli import main as report_main
-
-        return report_main(rest)
-    if command == "export":
-        from mtft.models.export import main as export_main
-
-        return export_main(rest)
-    if command == "eval":
-        from mtft.eval.cli import main as eval_main
-
-        return eval_main(rest)
-    if command == "generate":
-        from mtft.eval.generate_cli import main as generate_main
-
-        return generate_main(rest)
     if command == "data" and rest[:1] == ["preview"]:
-        from mtft.recipe.preview import main as preview_main
-
-        return preview_main(rest[1:])
+        command, rest = "data preview", rest[1:]
+    if command in RUNNERS:
+        module = importlib.import_module(f"mtft.commands.{RUNNERS[command]}")
+        return module.run(rest)
     if command == "data":
         print("usage: mtft data preview [overrides...] (see `mtft data preview --help`)", file=sys.stderr)
         return 2

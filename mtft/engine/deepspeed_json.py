@@ -15,17 +15,9 @@ from typing import Any
 from mtft.core.errors import MtftError
 from mtft.engine.config import DeepSpeedConfig, TrainerConfig
 
-# Keys (dotted paths) the trainer config decides, so a user's JSON may not contradict them.
-OWNED = (
-    "train_micro_batch_size_per_gpu",
-    "gradient_accumulation_steps",
-    "gradient_clipping",
-    "bf16.enabled",
-    "fp16.enabled",
-)
-
 
 def owned_values(trainer: TrainerConfig) -> dict[str, Any]:
+    """The keys (dotted paths) the trainer config decides, so a user's JSON may not contradict them."""
     return {
         "train_micro_batch_size_per_gpu": trainer.batch_size,
         "gradient_accumulation_steps": trainer.grad_accum,
@@ -48,7 +40,7 @@ def zero_section(cfg: DeepSpeedConfig) -> dict[str, Any]:
     return zero
 
 
-def deepspeed_config(cfg: DeepSpeedConfig, trainer: TrainerConfig) -> dict[str, Any]:
+def deepspeed_json(cfg: DeepSpeedConfig, trainer: TrainerConfig) -> dict[str, Any]:
     """The dict handed to `deepspeed.initialize(config=...)`."""
     if cfg.config_file:
         path = Path(cfg.config_file).expanduser()

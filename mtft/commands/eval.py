@@ -9,14 +9,15 @@ import os
 import sys
 from pathlib import Path
 
-from mtft.core.errors import MtftError, config_error_message
+from mtft.commands.exits import fail
+from mtft.commands.target import Target, load_eval_model, resolve_target
+from mtft.core.errors import MtftError
 from mtft.core.schema import at_least
-from mtft.eval.target import Target, resolve_target
 
 log = logging.getLogger("mtft")
 
 
-def main(argv: list[str]) -> int:
+def run(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="mtft eval",
         description="Evaluate a run's model on its tasks' validation sets: token loss and perplexity, and "
@@ -34,9 +35,6 @@ def main(argv: list[str]) -> int:
     parser.add_argument("-o", "--out", type=Path, metavar="DIR", help="output dir (default: the run dir)")
     parser.add_argument("--config-dir", type=Path, help="your config dir, for a model dir or Hub id")
     args = parser.parse_intermixed_args(argv)
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
     try:
         target = resolve_target(args.target, args.overrides, args.config_dir)
         cfg = target.cfg
@@ -55,21 +53,19 @@ def main(argv: list[str]) -> int:
 
             launch_command(dist, ["-m", "mtft", "eval", *argv], out.name)
             return 0
-        run(target, out, args.task)
-    except (MtftError, HydraException, OmegaConfBaseException) as e:
-        print(f"error: {config_error_message(e)}", file=sys.stderr)
-        return 2
+        _evaluate(target, out, args.task)
+    except Exception as e:
+        return fail(e)
     return 0
 
 
-def run(target: Target, out: Path, tasks: list[str] | None) -> None:
+def _evaluate(target: Target, out: Path, tasks: list[str] | None) -> None:
     """Build the data and model, evaluate (this rank's share), and on rank 0 write and print."""
     import datasets
     import transformers
 
     from mtft.core.dist import device_for_rank, rank, rank_zero_first
     from mtft.eval.evaluate import evaluate, print_table, write_eval
-    from mtft.eval.target import load_eval_model
     from mtft.launch.process_group import join_process_group
     from mtft.recipe.builders import build_data
 
@@ -86,7 +82,7 @@ def run(target: Target, out: Path, tasks: list[str] | None) -> None:
         model = load_eval_model(cfg, device)
     except OSError as e:
         raise MtftError(f"could not load {cfg.model.name_or_path}: {str(e).splitlines()[0]}") from None
-    result, samples = evaluate(model, data, cfg, target.label, tasks=tasks)
+    result, samples = evaluate(model, data, cfg.data, cfg.eval, target.label, tasks=tasks)
     if rank() == 0:
         files = write_eval(out, result, samples)
         print_table(result)

@@ -1,6 +1,6 @@
 """One rank of a job started by `mtft train distributed.nproc_per_node=N` (see mtft.launch.workers).
 
-python -m mtft.launch.worker RUN_DIR/launch_config.yaml RUN_DIR PARENT_PID
+python -m mtft.commands.worker RUN_DIR/launch_config.yaml RUN_DIR PARENT_PID
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import signal
 import sys
 from pathlib import Path
 
-from mtft.core.errors import Interrupted, MtftError, StorageError
+from mtft.commands.exits import fail
 from mtft.core.rundir import TRAIN_LOG
 
 log = logging.getLogger("mtft")
@@ -58,18 +58,8 @@ def main(argv: list[str]) -> int:
         join_process_group(cfg.distributed.backend, cfg.distributed.timeout_min)
         # The parent resolved and checked the checkpoint: its path, or null for a fresh start.
         train(cfg, run_dir, cfg.trainer.resume and Path(cfg.trainer.resume))
-    except MtftError as e:
-        log.error("error: %s", e)
-        return 2
-    except Interrupted as e:
-        log.warning("%s", e)
-        return Interrupted.exit_code
-    except OSError as e:
-        failed = StorageError.from_os_error(e)
-        if failed is None:
-            raise
-        log.error("error: %s", failed)
-        return failed.exit_code
+    except Exception as e:
+        return fail(e, logged=True)
     return 0
 
 

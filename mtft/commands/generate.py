@@ -11,12 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from dataclasses import replace
 from pathlib import Path
 
-from mtft.core.errors import MtftError, config_error_message
-from mtft.eval.target import resolve_target
+from mtft.commands.exits import fail
+from mtft.commands.target import load_eval_model, resolve_target
+from mtft.core.errors import MtftError
+from mtft.recipe.config import TrainConfig
 
 
 def read_prompts(path: Path) -> list[str]:
@@ -52,7 +53,7 @@ def task_frame(conversations) -> tuple[str | None, str, str]:
     return (systems.pop() if len(systems) == 1 else None), prefix, suffix
 
 
-def main(argv: list[str]) -> int:
+def run(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="mtft generate",
         description="Answer prompts with a run's model (or a model dir / Hub id), using its chat template.",
@@ -68,9 +69,6 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--max-new-tokens", type=int, help="default: eval.max_new_tokens")
     parser.add_argument("--seed", type=int, help="for sampling (default: eval.seed)")
     args = parser.parse_intermixed_args(argv)
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
     try:
         prompts = read_prompts(args.file) if args.file else [args.prompt]
         target = resolve_target(args.target, args.overrides)
@@ -84,10 +82,9 @@ def main(argv: list[str]) -> int:
             "seed": args.seed,
         }
         cfg.eval = replace(cfg.eval, **{k: v for k, v in options.items() if v is not None})  # checks again
-        answers = run(cfg, prompts, args.task)
-    except (MtftError, HydraException, OmegaConfBaseException) as e:
-        print(f"error: {config_error_message(e)}", file=sys.stderr)
-        return 2
+        answers = generate_answers(cfg, prompts, args.task)
+    except Exception as e:
+        return fail(e)
     if args.file:
         for prompt, answer in zip(prompts, answers, strict=True):
             print(json.dumps({"prompt": prompt, "completion": answer}, ensure_ascii=False))
@@ -96,7 +93,7 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def run(cfg, prompts: list[str], task: str | None) -> list[str]:
+def generate_answers(cfg: TrainConfig, prompts: list[str], task: str | None) -> list[str]:
     """Render, tokenize and answer `prompts` (a `TrainConfig` whose model.name_or_path is the model)."""
     import datasets
     import transformers
@@ -105,7 +102,6 @@ def run(cfg, prompts: list[str], task: str | None) -> list[str]:
     from mtft.data.encode import Encoder
     from mtft.data.templates import resolve_template
     from mtft.eval.generate import Prompt, generate
-    from mtft.eval.target import load_eval_model
     from mtft.models.config import PromptFormat
     from mtft.models.loading import load_tokenizer
     from mtft.recipe.builders import build_data

@@ -13,15 +13,16 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from mtft.core.errors import Interrupted, MtftError, StorageError, WorkerKilled
+from mtft.commands.exits import USAGE_ERROR, fail
+from mtft.core.errors import MtftError, config_error_message
 from mtft.launch.claim import claim_run_dir, leave_run_dir, write_hydra_files
-from mtft.launch.process_group import join_process_group
+from mtft.launch.process_group import export_slurm_env, join_launched_job, join_process_group
 from mtft.recipe.config import TrainConfig, conf_dir, register_configs, to_typed
 from mtft.recipe.validate import validate
 
 log = logging.getLogger("mtft")
 
-# Set once the task function runs: an error before it is Hydra's config composition (see mtft.cli).
+# Set once the task function runs: an error before it is Hydra's config composition (see `run`).
 task_started = False
 
 register_configs()
@@ -34,7 +35,9 @@ def main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     # Rank 0 (or the only process) claims the run dir for the job; the other ranks of a launched job
-    # run under its claim, and mtft's own workers under their parent's.
+    # run under its claim, and mtft's own workers under their parent's. A task of Hydra's submitit
+    # launcher starts here, not in `run`: its rank comes from SLURM's variables first.
+    export_slurm_env()
     first = int(os.environ.get("RANK", "0")) == 0
     started = False
     try:
@@ -46,27 +49,11 @@ def main(cfg: DictConfig) -> None:
             if first:  # the dir is ours and the config can run: .hydra/ now records it
                 write_hydra_files(run_dir, cfg, HydraConfig.instance().cfg)
             _run(typed, cfg, run_dir, resume_from)
-    except MtftError as e:
-        if not started:
+    except Exception as e:
+        if not started and isinstance(e, MtftError):
             leave_run_dir(run_dir)  # refused before the run began: the run dir gets nothing
-        log.error("error: %s", e)
-        sys.exit(2)
-    except OSError as e:
-        failed = StorageError.from_os_error(e)
-        if failed is None:
-            raise
-        log.error("error: %s", failed)
-        sys.exit(failed.exit_code)
-    except (StorageError, WorkerKilled) as e:
-        log.error("error: %s", e)
-        sys.exit(e.exit_code)
-    except Interrupted as e:
-        log.warning(
-            "%s. Continue with the same command plus: trainer.resume=auto hydra.run.dir=%s",
-            e,
-            hydra_cfg.runtime.output_dir,
-        )
-        sys.exit(Interrupted.exit_code)
+        hint = f". Continue with the same command plus: trainer.resume=auto hydra.run.dir={run_dir}"
+        sys.exit(fail(e, logged=True, resume_hint=hint))
 
 
 def _resume_point(run_dir: Path, cfg: TrainConfig) -> Path | None:
@@ -89,8 +76,36 @@ def _run(typed: TrainConfig, cfg: DictConfig, run_dir: Path, resume_from: Path |
 
         resolved = OmegaConf.to_container(cfg, resolve=True)
         resolved["trainer"]["resume"] = resume_from and str(resume_from)  # type: ignore[index]  # checked here
-        launch_workers(typed, OmegaConf.to_yaml(resolved), run_dir)
+        launch_workers(dist, OmegaConf.to_yaml(resolved), run_dir, "mtft.commands.worker")
     else:
         from mtft.recipe.finetune import train
 
         train(typed, run_dir, resume_from)
+
+
+def run(args: list[str]) -> int:
+    """`mtft train ARGS`: join a launched job's ranks, then run the Hydra app. A config Hydra cannot
+    compose (unknown key, bad override or value) is a user error like any other: one `error:` line and
+    exit code 2, not Hydra's exit 1."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    sys.argv = [f"{sys.argv[0]} train", *join_launched_job(args)]  # Hydra parses sys.argv
+    user_wants_trace = "HYDRA_FULL_ERROR" in os.environ
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra raises instead of printing and exiting 1
+    try:
+        main()
+    except Exception as e:
+        if task_started or user_wants_trace or isinstance(e, BrokenPipeError):
+            raise
+        # Before the task starts only Hydra runs, and some of its composition failures are bare
+        # asserts (`+deepspeed.extra.x=1` while deepspeed=none): still the user's overrides.
+        if isinstance(e, HydraException | OmegaConfBaseException):
+            message = config_error_message(e)
+        elif isinstance(e, OSError):  # Hydra creating the run dir: a read-only or full file system
+            message = f"cannot create the run dir: {e.strerror}: {e.filename}"
+        else:
+            message = f"the overrides could not be applied: {e!r}"
+        print(f"error: {message}", file=sys.stderr)
+        return USAGE_ERROR
+    return 0

@@ -17,16 +17,18 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from mtft.core.errors import MtftError, config_error_message
+from mtft.commands.exits import fail
+from mtft.core.errors import MtftError
 from mtft.data.collator import IGNORE_INDEX
-from mtft.recipe.builders import Data, build_data
+from mtft.data.prepared import Data
+from mtft.recipe.builders import build_data
 from mtft.recipe.config import compose
 from mtft.recipe.validate import validate
 
 LEARNED_STYLE, GIVEN_STYLE = "bold green", "dim"
 
 
-def main(argv: list[str]) -> int:
+def run(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="mtft data preview",
         description="Read and tokenize the task mixture of `mtft train <overrides>` and show it: counts, "
@@ -39,9 +41,6 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--task", action="append", help="show only this task's examples (repeatable)")
     parser.add_argument("--config-dir", type=Path, help="your config dir, as for mtft train --config-dir")
     args = parser.parse_args(argv)
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
     try:
         cfg = compose(args.overrides, args.config_dir)
         validate(cfg)
@@ -49,9 +48,8 @@ def main(argv: list[str]) -> int:
         if unknown:
             raise MtftError(f"--task {unknown[0]}: not a task of this mixture ({', '.join(cfg.data.tasks)})")
         data = build_data(cfg)
-    except (MtftError, HydraException, OmegaConfBaseException) as e:
-        print(f"error: {config_error_message(e)}", file=sys.stderr)
-        return 2
+    except Exception as e:
+        return fail(e)
     console = Console() if sys.stdout.isatty() else Console(width=160)  # whole table in logs and pipes
     console.print(summary_table(data, cfg.data.max_length))
     for task_id, task in enumerate(data.tasks):

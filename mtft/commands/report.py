@@ -10,11 +10,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from mtft.commands.exits import fail
 from mtft.report.aggregate import build_report
 from mtft.report.present import markdown_table, winners, write_report
 
 
-def main(argv: list[str]) -> int:
+def run(argv: list[str]) -> int:
     """`mtft report PATH... [-o DIR]`: print the comparison table, write report.md and plots."""
     parser = argparse.ArgumentParser(
         prog="mtft report",
@@ -33,7 +34,10 @@ def main(argv: list[str]) -> int:
         help="relative rise above its best that counts a task as rising",
     )
     args = parser.parse_args(argv)
-    report = build_report(args.paths, args.baseline, args.tolerance)
+    try:
+        report = build_report(args.paths, args.baseline, args.tolerance)
+    except Exception as e:
+        return fail(e)
     for warning in report.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if not report.results:
