@@ -22,6 +22,7 @@ from mtft.data.config import DataConfig
 from mtft.engine.config import DeepSpeedConfig, TrainerConfig
 from mtft.eval.config import EvalConfig
 from mtft.launch.config import DistributedConfig
+from mtft.launch.slurm import register_resolvers
 from mtft.loggers.config import LoggerConfig
 from mtft.models.config import LoraAdapterConfig, ModelConfig
 
@@ -62,6 +63,7 @@ def register_configs() -> None:
     """Register the schemas as top-level names (no group, so `mtft train --help` lists none of them):
     train.yaml extends `train_schema`, each balancer YAML its own `<name>_schema`. `deepspeed` and
     `peft` need none: their TrainConfig fields are typed."""
+    register_resolvers()
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     for name, schema in balancer_schemas().items():
