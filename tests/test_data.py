@@ -118,7 +118,7 @@ def test_prompt_response_and_text_records(tmp_path):
 
 def test_task_with_no_examples_is_an_error(tmp_path):
     empty = write_jsonl(tmp_path / "empty.jsonl", [])
-    cfg = DataConfig(source="jsonl", tasks={"t": TaskConfig(train=[str(empty)], val_fraction=0.5)})
+    cfg = DataConfig(source="files", tasks={"t": TaskConfig(train=[str(empty)], val_fraction=0.5)})
     with pytest.raises(MtftError, match=r"empty\.jsonl: no records"):
         build_mixture(cfg, tmp_path)
 
@@ -139,7 +139,7 @@ def test_val_fraction_holds_out_deterministically_and_caps_apply(tmp_path):
         tmp_path / "train.jsonl", [{"prompt": f"q{i}", "response": f"a{i}"} for i in range(400)]
     )
     cfg = DataConfig(
-        source="jsonl", tasks={"t": TaskConfig(train=[str(train)], val_fraction=0.25, max_train_samples=100)}
+        source="files", tasks={"t": TaskConfig(train=[str(train)], val_fraction=0.25, max_train_samples=100)}
     )
     a, b = build_mixture(cfg, tmp_path), build_mixture(cfg, tmp_path)
     assert a.validation["t"]["key"] == b.validation["t"]["key"] and a.train["t"]["key"] == b.train["t"]["key"]

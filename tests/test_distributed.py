@@ -226,9 +226,7 @@ def test_deepspeed_json_takes_the_trainer_values(tmp_path: Path) -> None:
 
     own = tmp_path / "ds.json"
     own.write_text(json.dumps({"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 1}}))
-    ds = deepspeed_json(
-        DeepSpeedConfig(config_file=str(own), extra={"zero_optimization": {"a": 1}}), trainer
-    )
+    ds = deepspeed_json(DeepSpeedConfig(config_file=str(own), extra={"zero_optimization": {"a": 1}}), trainer)
     assert ds["train_micro_batch_size_per_gpu"] == 8 and ds["zero_optimization"] == {"stage": 1, "a": 1}
 
     own.write_text(json.dumps({"gradient_accumulation_steps": 2}))
@@ -322,9 +320,7 @@ def test_sigterm_to_a_multiprocess_job_checkpoints_and_exits_resumable(mtft_env,
     assert proc.returncode == 75, err[-3000:]
     (checkpoint,) = (run_dir / "checkpoints").iterdir()
     step = int(checkpoint.name.removeprefix("step-"))
-    assert 3 <= step < 500 and {"rank0.pt", "rank1.pt", "state.pt"} <= {
-        p.name for p in checkpoint.iterdir()
-    }
+    assert 3 <= step < 500 and {"rank0.pt", "rank1.pt", "state.pt"} <= {p.name for p in checkpoint.iterdir()}
     assert "trainer.resume=auto" in err
 
 

@@ -104,9 +104,7 @@ def test_import_graph_has_no_cycle():
 
 def test_modules_are_short():
     long = {
-        name: n
-        for name, path in _modules().items()
-        if (n := len(path.read_text().splitlines())) > MAX_LINES
+        name: n for name, path in _modules().items() if (n := len(path.read_text().splitlines())) > MAX_LINES
     }
     assert not long, long
 

@@ -300,7 +300,9 @@ def test_the_config_group_table_lists_every_option_file():
     """docs/configuration.md's table names every group of mtft/conf and every option file in it, and
     nothing else; the README's short table names only groups and defaults that exist."""
     conf = Path(conf_dir())
-    tree = {d.name: {f.stem for f in d.glob("*.yaml")} for d in conf.iterdir() if d.is_dir() and d.name != "hydra"}
+    tree = {
+        d.name: {f.stem for f in d.glob("*.yaml")} for d in conf.iterdir() if d.is_dir() and d.name != "hydra"
+    }
     tree["hydra/launcher"] = {f.stem for f in (conf / "hydra" / "launcher").glob("*.yaml")}
     table = config_group_rows(ROOT / "docs" / "configuration.md", "Keys users change most")
     assert set(table) == set(tree)

@@ -25,7 +25,7 @@ from mtft.models.tiny import train_tokenizer
 from mtft.recipe.builders import build_backend, build_batching, build_sampler, build_tracker, build_trainer
 from mtft.recipe.config import TrainConfig
 
-from conftest import ROOT, read_metrics, tiny_lm
+from conftest import ROOT, mixture_from_records, read_metrics, tiny_lm
 
 TEXTS = [f"def f{i}(x):\n    return x * {i}\n" for i in range(40)]
 
@@ -37,7 +37,7 @@ def tokenizer():
 
 def small_mixture() -> Mixture:
     ex = [{"prompt": f"# task {i}\n", "response": t} for i, t in enumerate(TEXTS)]
-    return Mixture.from_records({"a": ex[:30], "b": ex[10:]}, {"a": ex[30:], "b": ex[:10]})
+    return mixture_from_records({"a": ex[:30], "b": ex[10:]}, {"a": ex[30:], "b": ex[:10]})
 
 
 class NaNAt(torch.nn.Module):
@@ -63,7 +63,7 @@ def make_trainer(tokenizer, run_dir: Path, nan_calls: set[int], **cfg) -> tuple[
         trainer=TrainerConfig(
             batch_size=4, eval_batches=1, eval_batch_size=8, warmup_steps=0, save_interval=None, **cfg
         ),
-        data=DataConfig(source="jsonl"),
+        data=DataConfig(source="files"),
         logger=LoggerConfig(progress=False),
     )
     balancer = Uniform(data.tasks)
@@ -197,7 +197,7 @@ def test_tokenizer_without_pad_token_pads_with_eos(tokenizer, tmp_path, caplog):
 
 
 def test_too_long_examples_truncate_or_error(tokenizer):
-    long = Mixture.from_records(
+    long = mixture_from_records(
         {"a": [{"prompt": "x " * 50, "response": "y " * 50}]}, {"a": [{"prompt": "p", "response": "r"}]}
     )
     data = tokenize_mixture(long, tokenizer, 32)

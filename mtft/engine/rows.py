@@ -7,13 +7,9 @@ import math
 
 import torch
 
+from mtft.core.jsonfile import finite_or_none
 from mtft.engine.progress import StepStats
 from mtft.loggers.base import Row
-
-
-def finite_or_none(x: float) -> float | None:
-    """metrics.jsonl is strict JSON: a non-finite value is written as null."""
-    return x if math.isfinite(x) else None
 
 
 def val_rows(step: int, tasks: list[str], values: list[float]) -> list[Row]:

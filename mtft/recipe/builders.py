@@ -98,7 +98,7 @@ def build_backend(cfg: TrainConfig, model: torch.nn.Module, device: torch.device
 
 
 def build_batching(cfg: TrainConfig, pad_token_id: int, model: torch.nn.Module) -> Batching:
-    """How examples become micro-batches (`data.packing`, `data.group_by_length`, decided here once);
+    """How examples become micro-batches (`Batching` reads `data.packing` and `data.group_by_length`);
     packed rows are refused for a model that would let their examples attend to each other."""
     batching = Batching(cfg.data, pad_token_id)
     if batching.packed:
