@@ -43,7 +43,7 @@ def test_train_help_lists_groups_and_options(run_mtft):
     out = run_mtft("train", "--help").stdout
     for line in (
         "balancer: coba, coba_reference, coba_tiny, famo, gradnorm, uniform",
-        "data: codetasks, codetasks_scaled, codetasks_skewed, files, jsonl",
+        "data: codetasks, codetasks_scaled, codetasks_skewed, files",
         "model: codellama_13b, codellama_13b_instruct, deepseek_coder_6_7b, deepseek_coder_6_7b_instruct, hf,",
         "deepspeed: file, none, zero1, zero2, zero3, zero3_offload",
         "peft: lora, none, qlora",
@@ -57,7 +57,7 @@ def test_cfg_job_prints_composed_config(run_mtft):
 
 
 def jsonl_args(train: Path, val: Path | None = None) -> list[str]:
-    args = ["data=jsonl", f"+data.tasks.qa.train=[{train}]"]
+    args = ["data=files", f"+data.tasks.qa.train=[{train}]"]
     if val is not None:
         args.append(f"+data.tasks.qa.validation=[{val}]")
     return args
@@ -101,7 +101,7 @@ def test_jsonl_tasks_train_end_to_end(run_mtft, tmp_path):
     run_dir = tmp_path / "run"
     run_mtft(
         "train",
-        "data=jsonl",
+        "data=files",
         f"+data.tasks.sql.train=[{tmp_path / 'sql.jsonl'}]",
         f"+data.tasks.chat.train=[{tmp_path / 'chat.jsonl'}]",
         "+data.tasks.chat.val_fraction=0.2",

@@ -53,12 +53,12 @@ def test_experiments_are_global_and_open_with_their_command() -> None:
 
 def test_a_users_config_dir_adds_experiments_and_options(run_mtft, tmp_path: Path) -> None:
     """`mtft train --config-dir DIR`, run from elsewhere: the user's own experiment and data option
-    sit beside the shipped ones, and can use them (here the shipped jsonl and coba_tiny)."""
+    sit beside the shipped ones, and can use them (here the shipped files and coba_tiny)."""
     user = tmp_path / "my_conf"
     (user / "experiment").mkdir(parents=True)
     (user / "data").mkdir()
     (user / "data" / "mine.yaml").write_text(
-        "defaults:\n  - jsonl\n  - _self_\n\ntasks:\n  qa:\n    train: [/data/qa.jsonl]\n"
+        "defaults:\n  - files\n  - _self_\n\ntasks:\n  qa:\n    train: [/data/qa.jsonl]\n"
     )
     (user / "experiment" / "mine.yaml").write_text(
         "# @package _global_\ndefaults:\n  - override /balancer: coba_tiny\n  - override /data: mine\n\n"
@@ -67,7 +67,7 @@ def test_a_users_config_dir_adds_experiments_and_options(run_mtft, tmp_path: Pat
     proc = run_mtft("train", "--config-dir", str(user), "experiment=mine", "--cfg", "job", cwd=tmp_path)
     job = OmegaConf.create(proc.stdout)
     assert job.trainer.max_steps == 7 and job.balancer.warmup_steps == 25
-    assert job.data.source == "files" and list(job.data.tasks) == ["qa"]  # jsonl: the former name of files
+    assert job.data.source == "files" and list(job.data.tasks) == ["qa"]
     shipped = run_mtft(
         "train", "--config-dir", str(user), "experiment=coba_tiny", "--cfg", "job", cwd=tmp_path
     )
