@@ -151,6 +151,24 @@ def test_zero3_under_torchrun_shares_one_run_dir(single: Path, mtft_env, tmp_pat
     assert load_file(run_dir / "model" / "model.safetensors")["model.embed_tokens.weight"].shape[0] > 0
 
 
+def test_two_node_agents_without_slurm_match_one_node(single: Path, mtft_env, tmp_path: Path) -> None:
+    """Two `mtft train distributed.nnodes=2` agents, as on two nodes with a shared file system (the
+    same run dir), meet at one rendezvous endpoint: one 2-rank job, equal to the one-process run."""
+    endpoint = f"127.0.0.1:{_free_port()}"
+    run_dir = tmp_path / "run"
+    args = [*PER_RANK, *BACKEND, "distributed.nnodes=2", f"distributed.rdzv_endpoint={endpoint}"]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "mtft", "train", *args, f"hydra.run.dir={run_dir}"],
+            cwd=tmp_path, env=mtft_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        for _ in range(2)
+    ]
+    errors = [p.communicate(timeout=600)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors[0][-3000:] + errors[1][-3000:]
+    assert_ranks_agree_and_match(run_dir, single)
+
+
 def test_slurm_tasks_become_ranks(single: Path, mtft_env, tmp_path: Path) -> None:
     """Two `srun` tasks (SLURM's variables, no torchrun): DDP with ranks from SLURM. The second task
     starts 1.5 s after the first, yet a run dir named down to the microsecond is one dir."""

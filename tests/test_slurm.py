@@ -4,15 +4,19 @@ global batch, as tests/test_distributed.py checks torchrun. Skipped, with the re
 
 from __future__ import annotations
 
+import fcntl
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from cluster.slurm import ACTIVE
 from test_distributed import COMMON, PER_RANK, assert_ranks_agree_and_match
+from test_resume import assert_same_run, spawn, trained_to
 
 from conftest import ROOT
 
@@ -122,3 +126,115 @@ def test_slurm_launcher_job_of_two_tasks_matches_one_process(
             slurm_cluster.run("scancel", job_dir.name, check=False)
     assert sorted(p.name for p in sweep.iterdir() if not p.name.startswith(".")) == ["0", "multirun.yaml"]
     assert_ranks_agree_and_match(sweep / "0", single)
+
+
+# Long enough for a signal to land mid-training (the run is checked to have stopped before its end).
+REQUEUE = [*COMMON[:3], "trainer.max_steps=40", "trainer.eval_interval=10", "trainer.save_interval=20"]
+REQUEUE += ["trainer.eval_batches=1", "trainer.eval_batch_size=8", "trainer.batch_size=4"]
+STOPPED = re.compile(r"stopped at step (\d+); checkpoint saved to \S+; SLURM job (\d+) is requeued")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(run_mtft, tmp_path_factory) -> Path:
+    """The run every requeued job must reproduce exactly."""
+    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    run_mtft("train", *REQUEUE, f"hydra.run.dir={run_dir}")
+    return run_dir
+
+
+def signal_mid_training(cluster, job_id: str, run_dir: Path, signame: str, proc=None) -> None:
+    """Deliver `signame` to the job's tasks (`scancel --signal`) once its run has trained 3 steps."""
+    deadline = time.monotonic() + 240
+    while not trained_to(run_dir, 3)():
+        assert proc is None or proc.poll() is None, "the sweep ended before the signal"
+        assert cluster.job(job_id)["JobState"] in ACTIVE, cluster.job(job_id)
+        assert time.monotonic() < deadline, "the job did not reach step 3 in 240 s"
+        time.sleep(0.1)
+    cluster.run("scancel", f"--signal={signame}", job_id)
+
+
+def assert_requeued_once_and_same(cluster, job_id: str, run_dir: Path, signame: str, reference: Path) -> None:
+    """The job stopped mid-training on the signal, requeued itself, came back and finished: the same
+    metrics rows and final weights as the uninterrupted run."""
+    job = cluster.wait(job_id, timeout=300)
+    assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("COMPLETED", "0:0", "1"), cluster.logs()
+    log = (run_dir / "train.log").read_text()
+    assert f"{signame} received" in log
+    (stop,) = STOPPED.findall(log)
+    assert int(stop[0]) < 40 and stop[1] == job_id
+    assert "SLURM started this job again (restart 1): trainer.resume=auto" in log
+    assert_same_run(run_dir, reference)
+
+
+def test_a_time_limit_signal_requeues_a_launcher_job_that_continues_exactly(
+    slurm_cluster, uninterrupted: Path, mtft_env, tmp_path: Path
+) -> None:
+    """hydra/launcher=slurm with distributed.max_requeues=1: SIGUSR2 (what SLURM sends
+    signal_delay_s before the time limit) during training; the sweep command waits through the
+    requeue and returns as if nothing happened."""
+    sweep = tmp_path / "sweep"
+    args = ["train", "-m", "hydra/launcher=slurm", "hydra.launcher.partition=debug"]
+    args += ["distributed.max_requeues=1", *REQUEUE, f"hydra.sweep.dir={sweep}"]
+    proc = spawn({**mtft_env, **slurm_cluster.env}, *args)
+    try:
+        deadline = time.monotonic() + 120
+        while not (jobs := list(sweep.glob(".submitit/[0-9]*"))):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.2)
+        job_id = jobs[0].name
+        signal_mid_training(slurm_cluster, job_id, sweep / "0", "USR2", proc)
+        _, err = proc.communicate(timeout=360)
+        assert proc.returncode == 0, err[-3000:]
+        assert_requeued_once_and_same(slurm_cluster, job_id, sweep / "0", "SIGUSR2", uninterrupted)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for job_dir in sweep.glob(".submitit/[0-9]*"):
+            slurm_cluster.run("scancel", job_dir.name, check=False)
+
+
+def test_preemption_requeues_a_batch_script_job_that_continues_exactly(
+    slurm_cluster, uninterrupted: Path, mtft_env, tmp_path: Path
+) -> None:
+    """A user's batch script (`srun mtft train ... distributed.max_requeues=1`) preempted: SIGTERM
+    during training, the job requeues itself and its second start resumes the same run dir."""
+    run_dir = tmp_path / "run"
+    train = [sys.executable, "-m", "mtft", "train", *REQUEUE, "distributed.max_requeues=1"]
+    script = f"#!/bin/sh\nexec srun {shlex.join([*train, f'hydra.run.dir={run_dir}'])}\n"
+    job_id = slurm_cluster.sbatch(
+        script, "--ntasks=1", "--time=5", f"--chdir={ROOT}", f"--output={tmp_path / 'job.out'}", env=mtft_env
+    )
+    try:
+        signal_mid_training(slurm_cluster, job_id, run_dir, "TERM")
+        assert_requeued_once_and_same(slurm_cluster, job_id, run_dir, "SIGTERM", uninterrupted)
+    finally:
+        slurm_cluster.run("scancel", job_id, check=False)
+
+
+def test_a_refused_launcher_job_ends_at_once_with_exit_2_and_leaves_the_run_alone(
+    slurm_cluster, uninterrupted: Path, mtft_env, tmp_path: Path
+) -> None:
+    """A 2-task job whose run dir another run holds: rank 0 is refused (exit 2) and the job ends
+    with it at once (its peer does not wait for it); the other run's files stay as they were."""
+    sweep = tmp_path / "sweep"
+    shutil.copytree(uninterrupted, sweep / "0")
+    before = {p: p.read_bytes() for p in (sweep / "0").rglob("*") if p.is_file()}
+    args = ["train", "-m", "hydra/launcher=slurm", "hydra.launcher.partition=debug"]
+    args += ["distributed.nproc_per_node=2", *REQUEUE, "trainer.resume=auto", f"hydra.sweep.dir={sweep}"]
+    with open(sweep / "0" / "run.lock") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        start = time.monotonic()
+        proc = subprocess.run(
+            [sys.executable, "-m", "mtft", *args], cwd=ROOT, env={**mtft_env, **slurm_cluster.env},
+            capture_output=True, text=True, timeout=180,
+        )  # fmt: skip
+        elapsed = time.monotonic() - start
+    (job_dir,) = sweep.glob(".submitit/[0-9]*")
+    job = slurm_cluster.wait(job_dir.name, timeout=30)
+    assert (job["JobState"], job["ExitCode"]) == ("FAILED", "2:0"), proc.stderr[-3000:]
+    assert proc.returncode == 2 and elapsed < 90, (elapsed, proc.stderr[-3000:])
+    assert (
+        proc.stderr.splitlines()[-1].startswith("error: SLURM job failed: ")
+        and "is in use" in proc.stderr.splitlines()[-1]
+    )
+    assert {p: p.read_bytes() for p in (sweep / "0").rglob("*") if p.is_file()} == before

@@ -14,7 +14,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from mtft.commands.exits import USAGE_ERROR, fail
-from mtft.core.errors import MtftError, config_error_message
+from mtft.core.errors import Interrupted, MtftError, config_error_message
+from mtft.launch import slurm
 from mtft.launch.claim import claim_run_dir, leave_run_dir, write_hydra_files
 from mtft.launch.process_group import export_slurm_env, join_launched_job, join_process_group
 from mtft.recipe.config import TrainConfig, conf_dir, register_configs, to_typed
@@ -40,20 +41,47 @@ def main(cfg: DictConfig) -> None:
     export_slurm_env()
     first = int(os.environ.get("RANK", "0")) == 0
     started = False
+    hint = f". Continue with the same command plus: trainer.resume=auto hydra.run.dir={run_dir}"
     try:
         typed = to_typed(cfg)
         validate(typed)  # the cross-section rules, before any data, model or engine is built
-        with claim_run_dir(run_dir, typed.trainer.resume) if first else nullcontext():
+        if slurm.restarts() and not typed.trainer.resume:
+            typed.trainer.resume = "auto"  # a requeued SLURM job continues its own run
+            log.info("SLURM started this job again (restart %d): trainer.resume=auto", slurm.restarts())
+        with (
+            claim_run_dir(run_dir, typed.trainer.resume, typed.distributed.nnodes > 1)
+            if first
+            else nullcontext()
+        ):
             resume_from = _resume_point(run_dir, typed)
             started = True
             if first:  # the dir is ours and the config can run: .hydra/ now records it
                 write_hydra_files(run_dir, cfg, HydraConfig.instance().cfg)
             _run(typed, cfg, run_dir, resume_from)
+    except Interrupted as e:
+        if _requeue(typed, hydra_cfg):
+            hint = f"; SLURM job {os.environ['SLURM_JOB_ID']} is requeued and continues from it by itself"
+        sys.exit(fail(e, logged=True, resume_hint=hint))
     except Exception as e:
         if not started and isinstance(e, MtftError):
             leave_run_dir(run_dir)  # refused before the run began: the run dir gets nothing
-        hint = f". Continue with the same command plus: trainer.resume=auto hydra.run.dir={run_dir}"
         sys.exit(fail(e, logged=True, resume_hint=hint))
+
+
+def _requeue(cfg: TrainConfig, hydra_cfg: DictConfig) -> bool:
+    """After a signal's checkpoint, put a SLURM job with requeues left (`distributed.max_requeues`, or
+    `hydra.launcher.max_num_timeout`) back in the queue: rank 0 asks, every rank waits for it, so no
+    rank's exit ends the job first (SLURM_KILL_BAD_EXIT)."""
+    from mtft.core.dist import barrier, rank
+
+    # The launcher's own setting when a user gave it (its default interpolates the job's config).
+    launcher = OmegaConf.select(hydra_cfg, "launcher.max_num_timeout", throw_on_resolution_failure=False)
+    limit = max(cfg.distributed.max_requeues, launcher if isinstance(launcher, int) else 0)
+    if not slurm.can_requeue(limit):
+        return False
+    requeued = slurm.requeue() if rank() == 0 else True
+    barrier()
+    return requeued
 
 
 def _resume_point(run_dir: Path, cfg: TrainConfig) -> Path | None:
@@ -98,6 +126,9 @@ def run(args: list[str]) -> int:
     except Exception as e:
         if task_started or user_wants_trace or isinstance(e, BrokenPipeError):
             raise
+        if type(e).__module__.startswith("submitit"):  # a job of hydra/launcher=slurm failed
+            print(f"error: {_job_error(e)}", file=sys.stderr)
+            return USAGE_ERROR
         # Before the task starts only Hydra runs, and some of its composition failures are bare
         # asserts (`+deepspeed.extra.x=1` while deepspeed=none): still the user's overrides.
         if isinstance(e, HydraException | OmegaConfBaseException):
@@ -109,3 +140,11 @@ def run(args: list[str]) -> int:
         print(f"error: {message}", file=sys.stderr)
         return USAGE_ERROR
     return 0
+
+
+def _job_error(error: Exception) -> str:
+    """A failed SLURM job's reason: its own `error:` line when mtft refused it, else raise `error`."""
+    found = [line.removeprefix("error: ") for line in str(error).splitlines() if line.startswith("error: ")]
+    if not found:
+        raise error
+    return f"SLURM job failed: {found[-1].strip()}"

@@ -35,12 +35,12 @@ def dumps(value: Any, indent: int | None = None, ensure_ascii: bool = True) -> s
 def write_json(path: Path, value: Any) -> None:
     """`value` into `path`, indented, through a temporary file renamed over it: a reader (or a kill)
     never sees half a file."""
-    _write_atomic(path, dumps(value, indent=2) + "\n")
+    write_atomic(path, dumps(value, indent=2) + "\n")
 
 
 def write_jsonl(path: Path, rows: Iterable[Any], ensure_ascii: bool = True) -> None:
     """One strict-JSON line per row into `path`, replaced whole as `write_json` does."""
-    _write_atomic(path, "".join(dumps(row, ensure_ascii=ensure_ascii) + "\n" for row in rows))
+    write_atomic(path, "".join(dumps(row, ensure_ascii=ensure_ascii) + "\n" for row in rows))
 
 
 def read_json_object(path: Path) -> dict[str, Any]:
@@ -51,7 +51,7 @@ def read_json_object(path: Path) -> dict[str, Any]:
     return data
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
     """Written beside `path` (same file system, the permissions a plain write gives), then renamed."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:

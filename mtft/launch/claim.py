@@ -1,6 +1,7 @@
 """Claiming a run dir: one run at a time, and a refused run writes nothing into it.
 
-A run holds an exclusive `flock` on `<run dir>/run.lock` for its whole life; the kernel drops it when
+A run holds an exclusive `flock` on `<run dir>/run.lock` for its whole life (the agents of one
+multi-node job, `distributed.nnodes > 1`, each a shared one: they share the dir, other runs are kept out); the kernel drops it when
 the process ends, however it ends, so a killed run never leaves a stale lock behind. The files Hydra
 would write before the task function runs are written here instead, once the dir is ours
 (`hydra.output_subdir` is null in train.yaml): a refused run leaves an existing run's `.hydra/`
@@ -25,9 +26,9 @@ from mtft.core.rundir import CONFIG, HYDRA_DIR, LOCK, METRICS
 from mtft.loggers.context import redact
 
 
-def _lock(fd: int, run_dir: Path) -> None:
+def _lock(fd: int, run_dir: Path, shared: bool) -> None:
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
         raise MtftError(
@@ -37,14 +38,15 @@ def _lock(fd: int, run_dir: Path) -> None:
 
 
 @contextmanager
-def claim_run_dir(run_dir: Path, resume: str | None) -> Iterator[None]:
+def claim_run_dir(run_dir: Path, resume: str | None, shared: bool = False) -> Iterator[None]:
     """Hold the run dir's lock while the body runs. A run dir another process holds is refused, and
-    so, without `trainer.resume`, is one that already holds a run; neither refusal writes anything."""
+    so, without `trainer.resume`, is one that already holds a run; neither refusal writes anything.
+    `shared`: for the agents of one multi-node job, which hold the dir together."""
     fd = None
     with suppress(FileNotFoundError):
         fd = os.open(run_dir / LOCK, os.O_RDWR)
     if fd is not None:
-        _lock(fd, run_dir)
+        _lock(fd, run_dir, shared)
     if not resume and (run_dir / METRICS).exists():
         if fd is not None:
             os.close(fd)
@@ -55,7 +57,7 @@ def claim_run_dir(run_dir: Path, resume: str | None) -> Iterator[None]:
     if fd is None:
         run_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-        _lock(fd, run_dir)
+        _lock(fd, run_dir, shared)
     try:
         yield
     finally:

@@ -25,9 +25,14 @@ class DistributedConfig:
     rdzv_endpoint: str | None = None
     backend: DistBackend = DistBackend.auto
     timeout_min: int = 30  # how long a collective may wait for a slow rank
+    # SLURM: how often a job that a time limit (SIGUSR2) or preemption (SIGTERM) stopped puts itself
+    # back in the queue after its checkpoint, and continues from it when it starts again (0: it exits
+    # 75, to be resumed by hand). hydra/launcher=slurm's max_num_timeout follows it.
+    max_requeues: int = 0
 
     def __post_init__(self) -> None:
         self.backend = choice("distributed.backend", DistBackend, self.backend)
         at_least("distributed.nproc_per_node", self.nproc_per_node, 1)
         at_least("distributed.nnodes", self.nnodes, 1)
         at_least("distributed.timeout_min", self.timeout_min, 1)
+        at_least("distributed.max_requeues", self.max_requeues, 0)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mtft.core.errors import Interrupted, MtftError, StorageError, WorkerKilled
+from mtft.core.jsonfile import write_atomic
 from mtft.core.rundir import CHECKPOINTS, LAUNCH_CONFIG
 from mtft.launch.config import DistributedConfig
 from mtft.loggers.context import HYDRA_CONTEXT_ENV, hydra_context
@@ -45,7 +46,7 @@ def launch_workers(dist: DistributedConfig, resolved_yaml: str, run_dir: Path, w
         )
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / LAUNCH_CONFIG
-    config_path.write_text(resolved_yaml)
+    write_atomic(config_path, resolved_yaml)  # the other nodes' agents write the same file
     launch = launch_config(dist, run_dir.name)
     log.info(
         "starting %d worker process(es) per node on %d node(s); run dir %s",

@@ -111,7 +111,9 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={munge_socket}
+# cred_expire also delays a requeued job's new start (cred_expire + 1 s; the default 120 s would
+# hold the suite's requeue tests for two minutes each).
+AuthInfo=socket={munge_socket},cred_expire=10
 StateSaveLocation={root}/state
 SlurmctldPidFile={root}/run/slurmctld.pid
 SlurmctldLogFile={root}/log/slurmctld.log
@@ -128,6 +130,8 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 # Schedules at every submission and job end (backfill would wait for its 30 s cycle).
 SchedulerType=sched/builtin
+# A requeued job becomes eligible by the clock, not by an event: look at pending jobs every 2 s.
+SchedulerParameters=sched_interval=2
 JobAcctGatherType=jobacct_gather/none
 # No slurmdbd: each finished job is a line of log/jobcomp.txt with its ExitCode (`sacct --completion`
 # reads it), and `scontrol show job` keeps reporting it (ExitCode=...) for MinJobAge seconds.
