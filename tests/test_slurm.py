@@ -50,37 +50,57 @@ def test_cluster_runs_a_job_across_both_nodes_and_records_exit_codes(slurm_clust
     assert f"{job_id}|FAILED|3:0" in sacct.splitlines()
 
 
+def srun_job(
+    cluster, nodes: int, tasks: int, args: list[str], mtft_env, tmp_path: Path
+) -> tuple[dict[str, str], Path]:
+    """A user's own batch script of `nodes` nodes running `srun mtft train ARGS` as `tasks` tasks, from
+    `tmp_path`, with a timestamped run dir (named down to the microsecond); the finished job and its
+    one run dir."""
+    train = [sys.executable, "-m", "mtft", "train", *args, "hydra.run.dir=outputs/${now:%H-%M-%S-%f}"]
+    script = f"#!/bin/sh\nexec srun -N{nodes} -n{tasks} {shlex.join(train)}\n"
+    out = tmp_path / "job.out"
+    options = [f"--nodes={nodes}", f"--ntasks={tasks}", "--time=5", f"--chdir={tmp_path}", f"--output={out}"]
+    job_id = cluster.sbatch(script, *options, env=mtft_env)
+    job = cluster.wait(job_id, timeout=420)
+    assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), out.read_text()[-3000:]
+    (run_dir,) = (tmp_path / "outputs").iterdir()  # the ranks agreed on rank 0's clock
+    return job, run_dir
+
+
 def test_srun_across_two_nodes_in_a_batch_script_matches_one_process(
     slurm_cluster, single: Path, mtft_env, tmp_path: Path
 ) -> None:
-    """A user's own batch script: `srun -N2 -n2 mtft train ...`, one task on each node; the tasks
-    become the ranks of one DDP job (MASTER_ADDR n1), with rank 0's run dir."""
-    run_dir = tmp_path / "run"
-    train = [sys.executable, "-m", "mtft", "train", *PER_RANK, f"hydra.run.dir={run_dir}"]
-    script = f"#!/bin/sh\nexec srun -N2 -n2 {shlex.join(train)}\n"
-    out = tmp_path / "job.out"
-    job_id = slurm_cluster.sbatch(
-        script, "--nodes=2", "--ntasks=2", "--time=5", f"--chdir={ROOT}", f"--output={out}", env=mtft_env
-    )
-    job = slurm_cluster.wait(job_id, timeout=420)
-    assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), out.read_text()[-3000:]
+    """`srun -N2 -n2 mtft train ...`, one task on each node: the tasks become the ranks of one DDP job
+    (MASTER_ADDR n1), in one run dir."""
+    job, run_dir = srun_job(slurm_cluster, 2, 2, PER_RANK, mtft_env, tmp_path)
     assert job["NodeList"] == "n[1-2]" and job["NumNodes"] == "2"
     assert_ranks_agree_and_match(run_dir, single)
     assert "joined the process group as rank 0 of 2" in (run_dir / "train.log").read_text()
 
 
-def test_slurm_launcher_job_of_two_tasks_matches_one_process(
+def test_deepspeed_zero2_on_one_node_of_two_tasks_matches_one_process(
     slurm_cluster, single: Path, mtft_env, tmp_path: Path
 ) -> None:
-    """`mtft train -m hydra/launcher=slurm ...`: one job of 1 node x 2 tasks (submitit runs the task
-    function in each) on the CPU partition with no resource overrides (no GPUs asked for, CPUs per
-    task as the 2-CPU nodes allow), within a 5-minute time limit, and failed at once if a task fails while the
-    job goes on (the deadlock of issue 25: a refused task, its peer waiting for it in the store)."""
+    """`srun -N1 -n2 mtft train deepspeed=zero2 ...`: the two tasks of one node are a ZeRO-2 job."""
+    job, run_dir = srun_job(slurm_cluster, 1, 2, [*PER_RANK, "deepspeed=zero2"], mtft_env, tmp_path)
+    assert job["NumNodes"] == "1"
+    assert_ranks_agree_and_match(run_dir, single)
+    assert "engine: DeepSpeed ZeRO-2, world size 2" in (run_dir / "train.log").read_text()
+
+
+def test_slurm_launcher_sweep_of_two_node_jobs_matches_one_process(
+    slurm_cluster, single: Path, mtft_env, tmp_path: Path
+) -> None:
+    """`mtft train -m hydra/launcher=slurm ...`: a sweep of two jobs, each 2 nodes x 1 task (submitit
+    runs the task function in each), on the CPU partition (no GPUs asked for), within a 5-minute time
+    limit; failed at once if a task fails while its job goes on (the deadlock of issue 25: a refused
+    task, its peer waiting for it in the store)."""
     sweep = tmp_path / "sweep"
     log = tmp_path / "mtft.log"
     args = [
-        "train", "-m", "hydra/launcher=slurm", "hydra.launcher.partition=debug", "distributed.nproc_per_node=2",
-        "hydra.launcher.timeout_min=5",
+        "train", "-m", "hydra/launcher=slurm", "hydra.launcher.partition=debug", "distributed.nnodes=2",
+        # Two jobs (their results must not depend on what differs), side by side: a CPU of each node each.
+        "trainer.save_model=true,false", "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=5",
         # SIGUSR2 comes signal_delay_s (and up to a minute more) before the time limit: the default
         # 120 s would send it at once, and a loaded machine needs ~90 s for this run.
         "hydra.launcher.signal_delay_s=30", *PER_RANK, f"hydra.sweep.dir={sweep}",
@@ -114,18 +134,24 @@ def test_slurm_launcher_job_of_two_tasks_matches_one_process(
                 pytest.fail(why + errors)
             time.sleep(0.5)
         assert proc.returncode == 0, log.read_text()[-3000:]
-        (job_dir,) = sweep.glob(".submitit/[0-9]*")  # one job, its dir named by its id
-        # submitit returns once every task has sent its result: the job ends by itself right after.
-        job = slurm_cluster.wait(job_dir.name, timeout=30)
-        assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0")
+        jobs = sorted(sweep.glob(".submitit/[0-9]*_[0-9]*"))  # one dir per job of the array: ID_INDEX
+        assert len(jobs) == 2
+        for job_dir in jobs:  # submitit returns once every task sent its result; the job ends next
+            job = slurm_cluster.wait(job_dir.name, timeout=30)
+            assert (job["JobState"], job["ExitCode"], job["NumNodes"]) == ("COMPLETED", "0:0", "2")
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
         for job_dir in sweep.glob(".submitit/[0-9]*"):
             slurm_cluster.run("scancel", job_dir.name, check=False)
-    assert sorted(p.name for p in sweep.iterdir() if not p.name.startswith(".")) == ["0", "multirun.yaml"]
-    assert_ranks_agree_and_match(sweep / "0", single)
+    assert sorted(p.name for p in sweep.iterdir() if not p.name.startswith(".")) == [
+        "0",
+        "1",
+        "multirun.yaml",
+    ]
+    for job in ("0", "1"):
+        assert_ranks_agree_and_match(sweep / job, single)
 
 
 # Long enough for a signal to land mid-training (the run is checked to have stopped before its end).
@@ -231,7 +257,7 @@ def test_a_refused_launcher_job_ends_at_once_with_exit_2_and_leaves_the_run_alon
         elapsed = time.monotonic() - start
     (job_dir,) = sweep.glob(".submitit/[0-9]*")
     job = slurm_cluster.wait(job_dir.name, timeout=30)
-    assert (job["JobState"], job["ExitCode"]) == ("FAILED", "2:0"), proc.stderr[-3000:]
+    assert (job["JobState"], job["ExitCode"]) == ("FAILED", "2:0"), proc.stderr[-3000:]  # both tasks: 2
     assert proc.returncode == 2 and elapsed < 90, (elapsed, proc.stderr[-3000:])
     assert (
         proc.stderr.splitlines()[-1].startswith("error: SLURM job failed: ")

@@ -6,7 +6,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import hydra
@@ -17,7 +18,13 @@ from mtft.commands.exits import USAGE_ERROR, fail
 from mtft.core.errors import Interrupted, MtftError, config_error_message
 from mtft.launch import slurm
 from mtft.launch.claim import claim_run_dir, leave_run_dir, write_hydra_files
-from mtft.launch.process_group import export_slurm_env, join_launched_job, join_process_group
+from mtft.launch.process_group import (
+    await_claim,
+    export_slurm_env,
+    join_launched_job,
+    join_process_group,
+    share_claim,
+)
 from mtft.recipe.config import TrainConfig, conf_dir, register_configs, to_typed
 from mtft.recipe.validate import validate
 
@@ -40,6 +47,8 @@ def main(cfg: DictConfig) -> None:
     # launcher starts here, not in `run`: its rank comes from SLURM's variables first.
     export_slurm_env()
     first = int(os.environ.get("RANK", "0")) == 0
+    if not first:  # rank 0 logs for the job (as `run` arranges for ranks started before Hydra)
+        logging.getLogger().setLevel(logging.WARNING)
     started = False
     hint = f". Continue with the same command plus: trainer.resume=auto hydra.run.dir={run_dir}"
     try:
@@ -48,11 +57,7 @@ def main(cfg: DictConfig) -> None:
         if slurm.restarts() and not typed.trainer.resume:
             typed.trainer.resume = "auto"  # a requeued SLURM job continues its own run
             log.info("SLURM started this job again (restart %d): trainer.resume=auto", slurm.restarts())
-        with (
-            claim_run_dir(run_dir, typed.trainer.resume, typed.distributed.nnodes > 1)
-            if first
-            else nullcontext()
-        ):
+        with _claimed(run_dir, typed, first):
             resume_from = _resume_point(run_dir, typed)
             started = True
             if first:  # the dir is ours and the config can run: .hydra/ now records it
@@ -66,6 +71,24 @@ def main(cfg: DictConfig) -> None:
         if not started and isinstance(e, MtftError):
             leave_run_dir(run_dir)  # refused before the run began: the run dir gets nothing
         sys.exit(fail(e, logged=True, resume_hint=hint))
+
+
+@contextmanager
+def _claimed(run_dir: Path, cfg: TrainConfig, first: bool) -> Iterator[None]:
+    """Rank 0 (or the only process) holds the run dir while the body runs and tells the job's other
+    ranks whether it could; they wait for its word, and its refusal ends them too (exit 2 each)."""
+    if not first:
+        await_claim()
+        yield
+        return
+    with ExitStack() as claim:
+        try:
+            claim.enter_context(claim_run_dir(run_dir, cfg.trainer.resume, cfg.distributed.nnodes > 1))
+        except MtftError as e:
+            share_claim(str(e))
+            raise
+        share_claim(None)
+        yield
 
 
 def _requeue(cfg: TrainConfig, hydra_cfg: DictConfig) -> bool:

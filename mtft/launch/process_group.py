@@ -20,6 +20,7 @@ import datetime
 import logging
 import os
 import random
+import time
 from typing import Any
 
 from mtft.launch.config import DistBackend
@@ -27,6 +28,9 @@ from mtft.launch.config import DistBackend
 log = logging.getLogger("mtft")
 
 CLOCK_KEY = "mtft/run_clock"
+CLAIM_KEY, CLAIM_READ_KEY = "mtft/claim", "mtft/claim_read"  # rank 0's refusal ("": none), its readers
+# How long a refusing rank 0 keeps the store up for the other ranks to read why (they start together).
+CLAIM_READ_TIMEOUT_S = 120
 # The store is met before the config (and its timeout) is known: torch's own default until then.
 STORE_TIMEOUT = datetime.timedelta(minutes=30)
 
@@ -144,3 +148,31 @@ def agree_on_run_clock() -> None:
             return agreed
 
     hydra_utils.datetime = RankZeroClock  # type: ignore[attr-defined]
+
+
+def share_claim(refusal: str | None) -> None:
+    """Rank 0 of a launched job: tell the other ranks whether it claimed the run dir (`refusal`: why
+    not). A refusing rank 0 waits until every rank has read it (its process hosts the store), so the
+    whole job ends at once, every rank with the refusal's exit code."""
+    if "RANK" not in os.environ or launched_world_size() == 1:
+        return
+    store = _job_store()
+    store.set(CLAIM_KEY, refusal or "")
+    if refusal is not None:
+        deadline = time.monotonic() + CLAIM_READ_TIMEOUT_S
+        while store.add(CLAIM_READ_KEY, 0) < launched_world_size() - 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+
+def await_claim() -> None:
+    """Another rank of a launched job: wait for rank 0's claim of the run dir; its refusal is this
+    rank's too (an MtftError with the same message)."""
+    if "RANK" not in os.environ or launched_world_size() == 1:
+        return
+    store = _job_store()
+    refusal = store.get(CLAIM_KEY).decode()  # waits for rank 0
+    store.add(CLAIM_READ_KEY, 1)
+    if refusal:
+        from mtft.core.errors import MtftError
+
+        raise MtftError(refusal)
