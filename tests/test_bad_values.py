@@ -42,6 +42,7 @@ ZERO_OK = {
     "seed",
     "model.build.init_seed",
     "data.num_workers",
+    "distributed.max_requeues",
     "eval.temperature",
     "eval.seed",
     "trainer.weight_decay",

@@ -264,3 +264,65 @@ def test_a_refused_launcher_job_ends_at_once_with_exit_2_and_leaves_the_run_alon
         and "is in use" in proc.stderr.splitlines()[-1]
     )
     assert {p: p.read_bytes() for p in (sweep / "0").rglob("*") if p.is_file()} == before
+
+
+# mtft with the first checkpoint write from step 3 on held for a few seconds before it is published (and
+# a marker file written), so a second signal lands in the middle of it.
+STALL_FROM_STEP_3 = """
+import pathlib, sys, time
+import mtft.engine.checkpoint as checkpoint
+from mtft.commands.cli import main
+marker, args = pathlib.Path(sys.argv[1]), sys.argv[2:]
+fsync = checkpoint._fsync_dir
+def stalled(path):
+    if path.name.startswith(".tmp-step-") and int(path.name[-8:]) >= 3 and not marker.exists():
+        marker.write_text("writing")
+        time.sleep(5)
+    fsync(path)
+checkpoint._fsync_dir = stalled
+sys.argv = ["mtft", *args]
+sys.exit(main())
+"""
+
+
+def test_a_second_signal_during_the_checkpoint_write_leaves_a_resumable_run(
+    slurm_cluster, uninterrupted: Path, mtft_env, tmp_path: Path
+) -> None:
+    """SIGTERM, then SIGTERM again while a checkpoint is being written: the job ends without
+    publishing that checkpoint, and the same script with trainer.resume=auto continues from the one
+    before to the uninterrupted run's rows and weights."""
+    run_dir, marker = tmp_path / "run", tmp_path / "writing"
+    args = [
+        "train",
+        *REQUEUE,
+        "trainer.save_interval=2",
+        "distributed.max_requeues=1",
+        f"hydra.run.dir={run_dir}",
+    ]
+
+    def submit(*extra: str) -> str:
+        command = [sys.executable, "-c", STALL_FROM_STEP_3, str(marker), *args, *extra]
+        script = f"#!/bin/sh\nexec srun {shlex.join(command)}\n"
+        options = ["--ntasks=1", "--time=5", f"--chdir={ROOT}", f"--output={tmp_path / 'job.out'}"]
+        return slurm_cluster.sbatch(script, *options, env=mtft_env)
+
+    job_id = submit()
+    try:
+        signal_mid_training(slurm_cluster, job_id, run_dir, "TERM")
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert time.monotonic() < deadline, (tmp_path / "job.out").read_text()[-3000:]
+            time.sleep(0.05)
+        slurm_cluster.run("scancel", "--signal=TERM", job_id)
+        job = slurm_cluster.wait(job_id, timeout=120)
+    finally:
+        slurm_cluster.run("scancel", job_id, check=False)
+    assert job["JobState"] != "COMPLETED" and job["Restarts"] == "0", job
+    saved = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step-"))
+    assert saved and saved[-1] == "step-00000002", saved  # the one being written was never published
+    job = slurm_cluster.wait(submit("trainer.resume=auto"), timeout=300)
+    assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), (tmp_path / "job.out").read_text()[
+        -3000:
+    ]
+    assert "resumed from" in (run_dir / "train.log").read_text()
+    assert_same_run(run_dir, uninterrupted)
