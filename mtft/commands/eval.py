@@ -78,10 +78,7 @@ def _evaluate(target: Target, out: Path, tasks: list[str] | None) -> None:
     device = device_for_rank()
     with rank_zero_first():
         data = build_data(cfg)
-    try:
-        model = load_eval_model(cfg, device)
-    except OSError as e:
-        raise MtftError(f"could not load {cfg.model.name_or_path}: {str(e).splitlines()[0]}") from None
+    model = load_eval_model(cfg, device)
     result, samples = evaluate(model, data, cfg.data, cfg.eval, target.label, tasks=tasks)
     if rank() == 0:
         files = write_eval(out, result, samples)

@@ -125,8 +125,5 @@ def generate_answers(cfg: TrainConfig, prompts: list[str], task: str | None) -> 
         roles, contents = zip(*[*head, ("user", prefix + text + suffix), ("assistant", "")], strict=True)
         ids, end = encoder.prompt(list(roles), list(contents))
         rendered.append(Prompt(ids, end=end))
-    try:
-        model = load_eval_model(cfg, device_for_rank())
-    except OSError as e:
-        raise MtftError(f"could not load {cfg.model.name_or_path}: {str(e).splitlines()[0]}") from None
+    model = load_eval_model(cfg, device_for_rank())
     return generate(model, tokenizer, rendered, cfg.eval)

@@ -70,26 +70,33 @@ def resolve_target(target: str, overrides: list[str], config_dir: Path | None = 
 
 def load_eval_model(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
     """`model.name_or_path` in eval mode on `device`; an adapter dir is applied to the base it names.
-    (The model stack is imported here, so that a bad target or option fails before it loads.)"""
-    from mtft.models.adapters import quiet_peft
-    from mtft.models.loading import load_model
-
+    A model that cannot be loaded is an MtftError naming it."""
     path = cfg.model.name_or_path
     assert path is not None
-    if (Path(path) / ADAPTER).is_file():
-        from peft import PeftConfig, PeftModel
-
-        base = PeftConfig.from_pretrained(path).base_model_name_or_path
-        if not base or (base.startswith(("/", "~", ".")) and not Path(base).expanduser().is_dir()):
-            raise MtftError(
-                f"the base model of the adapter {path} ({base or 'not named'}) is not there: for the tiny "
-                "model, rerun any `mtft train` with the same model config to rebuild it in the cache"
-            )
-        model = load_model(base, cfg.model, cfg.peft)
-        with quiet_peft():
-            model = PeftModel.from_pretrained(model, path)
-    else:
-        model = load_model(path, cfg.model)
+    try:
+        model = _load(path, cfg)
+    except OSError as e:
+        raise MtftError(f"could not load {path}: {str(e).splitlines()[0]}") from None
     if not getattr(model, "is_quantized", False):
         model = model.to(device)
     return model.eval()
+
+
+def _load(path: str, cfg: TrainConfig) -> torch.nn.Module:
+    """(The model stack is imported here, so that a bad target or option fails before it loads.)"""
+    from mtft.models.adapters import quiet_peft
+    from mtft.models.loading import load_model
+
+    if not (Path(path) / ADAPTER).is_file():
+        return load_model(path, cfg.model)
+    from peft import PeftConfig, PeftModel
+
+    base = PeftConfig.from_pretrained(path).base_model_name_or_path
+    if not base or (base.startswith(("/", "~", ".")) and not Path(base).expanduser().is_dir()):
+        raise MtftError(
+            f"the base model of the adapter {path} ({base or 'not named'}) is not there: for the tiny "
+            "model, rerun any `mtft train` with the same model config to rebuild it in the cache"
+        )
+    model = load_model(base, cfg.model, cfg.peft)
+    with quiet_peft():
+        return PeftModel.from_pretrained(model, path)

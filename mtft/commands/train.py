@@ -47,7 +47,7 @@ def main(cfg: DictConfig) -> None:
     # launcher starts here, not in `run`: its rank comes from SLURM's variables first.
     export_slurm_env()
     first = int(os.environ.get("RANK", "0")) == 0
-    if not first:  # rank 0 logs for the job (as `run` arranges for ranks started before Hydra)
+    if not first:  # rank 0 logs for the job; the others only warn
         logging.getLogger().setLevel(logging.WARNING)
     started = False
     hint = f". Continue with the same command plus: trainer.resume=auto hydra.run.dir={run_dir}"
@@ -141,7 +141,8 @@ def run(args: list[str]) -> int:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    sys.argv = [f"{sys.argv[0]} train", *join_launched_job(args)]  # Hydra parses sys.argv
+    join_launched_job()
+    sys.argv = [f"{sys.argv[0]} train", *args]  # Hydra parses sys.argv
     user_wants_trace = "HYDRA_FULL_ERROR" in os.environ
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra raises instead of printing and exiting 1
     try:

@@ -1,12 +1,12 @@
 """Claiming a run dir: one run at a time, and a refused run writes nothing into it.
 
 A run holds an exclusive `flock` on `<run dir>/run.lock` for its whole life (the agents of one
-multi-node job, `distributed.nnodes > 1`, each a shared one: they share the dir, other runs are kept out); the kernel drops it when
-the process ends, however it ends, so a killed run never leaves a stale lock behind. The files Hydra
-would write before the task function runs are written here instead, once the dir is ours
-(`hydra.output_subdir` is null in train.yaml): a refused run leaves an existing run's `.hydra/`
-byte-identical, and its messages go to the console only (the job's log file opens lazily and is
-detached before the refusal is logged).
+multi-node job, `distributed.nnodes > 1`, each a shared one: they share the dir, other runs are kept
+out); the kernel drops it when the process ends, however it ends, so a killed run never leaves a
+stale lock behind. The files Hydra would write before the task function runs are written here
+instead, once the dir is ours (`hydra.output_subdir` is null in train.yaml): a refused run leaves an
+existing run's `.hydra/` byte-identical, and its messages go to the console only (the job's log file
+opens lazily and is detached before the refusal is logged).
 """
 
 from __future__ import annotations

@@ -114,19 +114,15 @@ def export_slurm_env() -> bool:
     return True
 
 
-def join_launched_job(argv: list[str]) -> list[str]:
-    """In a rank of an externally launched job (torchrun, deepspeed, srun/submitit): meet the
-    other ranks and agree on rank 0's clock before Hydra runs, and return the Hydra overrides that
-    keep ranks together. The process group itself waits for the config (`join_process_group`).
-    A plain single-process run returns at once, without importing torch."""
+def join_launched_job() -> None:
+    """In a rank of an externally launched job (torchrun, deepspeed, srun): meet the other ranks and
+    agree on rank 0's clock before Hydra runs. The process group itself waits for the config
+    (`join_process_group`). A plain single-process run returns at once, without importing torch."""
     if "RANK" not in os.environ and "SLURM_PROCID" not in os.environ:
-        return argv
+        return
     export_slurm_env()
-    if launched_world_size() == 1:
-        return argv
-    agree_on_run_clock()
-    # Rank 0 claims the run dir, writes .hydra/ and logs for the job; the others only warn.
-    return argv if int(os.environ["RANK"]) == 0 else [*argv, "hydra.job_logging.root.level=WARNING"]
+    if launched_world_size() > 1:
+        agree_on_run_clock()
 
 
 def agree_on_run_clock() -> None:

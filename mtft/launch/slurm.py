@@ -12,6 +12,7 @@ starts again, continues from that checkpoint (`SLURM_RESTART_COUNT` > 0 means `t
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -26,22 +27,24 @@ log = logging.getLogger("mtft")
 MAX_CPUS_PER_TASK = 8  # data loading and tokenization workers per rank; more rarely helps
 
 
-def partition_nodes(partition: str | None) -> list[tuple[str, int]]:
+@functools.cache
+def partition_nodes(partition: str | None) -> tuple[tuple[str, int], ...]:
     """(generic resources, CPUs) of each node group of `partition` (the default one if None), as
-    `sinfo` reports them; [] when SLURM's client tools are not here or the partition is unknown."""
+    `sinfo` reports them, asked once per process (both resolvers read it); () when SLURM's client tools
+    are not here or the partition is unknown."""
     if shutil.which("sinfo") is None:
-        return []
+        return ()
     args = ["sinfo", "--noheader", "--format=%G|%c", *(["--partition", partition] if partition else [])]
     try:
         out = subprocess.run(args, capture_output=True, text=True, timeout=30, check=True).stdout
     except (OSError, subprocess.SubprocessError):
-        return []
+        return ()
     nodes = []
     for line in out.splitlines():
         gres, _, cpus = line.partition("|")
         if cpus.strip().isdigit():
             nodes.append((gres.strip(), int(cpus)))
-    return nodes
+    return tuple(nodes)
 
 
 def gpus_per_node(partition: str | None, tasks_per_node: int, backend: str) -> int:

@@ -3,8 +3,9 @@
 `mtft train distributed.nproc_per_node=N` (also each job of a `-m` sweep) runs the Hydra job in one
 parent process, which writes the resolved config into the run dir and starts N workers with
 torchrun's elastic agent (`torch.distributed.launcher`); each worker (`python -m mtft.commands.worker`,
-named by the caller) trains as one rank. The parent holds the run dir's lock (mtft.launch.claim) for them, and each
-worker dies with the parent (PR_SET_PDEATHSIG, see mtft.commands.worker), so no worker outlives it.
+named by the caller) trains as one rank. The parent holds the run dir's lock (mtft.launch.claim) for
+them, and each worker dies with the parent (PR_SET_PDEATHSIG, see mtft.commands.worker), so no worker
+outlives it.
 """
 
 from __future__ import annotations
